@@ -1,0 +1,41 @@
+"""One entry point: `megatron-reft <command> ...`.
+
+Each command lives in its own module exposing `main(argv)`; importing lazily keeps
+`megatron-reft score` free of torch/megatron start-up cost.
+"""
+import importlib
+import sys
+
+COMMANDS = {
+    "sft": ("megatron_reft.sft.trainer", "warm-up supervised fine-tuning"),
+    "ppo": ("megatron_reft.rl.trainer", "ReFT PPO"),
+    "eval": ("megatron_reft.evaluation.run", "greedy accuracy of a checkpoint on a test file"),
+    "score": ("megatron_reft.reward.cli", "score gold CoTs or model responses against answers"),
+    "convert": ("megatron_reft.checkpoint.cli", "Hugging Face <-> Megatron checkpoint conversion"),
+    "demo": ("megatron_reft.demo", "CPU quickstart: synthetic task -> SFT -> PPO -> eval"),
+    "report": ("megatron_reft.report", "plots and a markdown report from a run directory"),
+    "plan": ("megatron_reft.planning", "per-GPU memory plan for a config"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: megatron-reft <command> [args]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"megatron-reft: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""megatron-reft: ReFT (Reinforced Fine-Tuning) on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-reft",
+    version="0.1.0",
+    description="ReFT (warm-up SFT + PPO with answer rewards) on megatron-core, HF <-> Megatron conversion, Slurm recipes",
+    packages=find_packages(include=["megatron_reft", "megatron_reft.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is installed first by the README commands (the CPU build here, a CUDA build on clusters);
+        # any recent torch satisfies this range, so pip never swaps the user's build.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "psutil",  # dist_checkpointing's writer needs it (without it the save hangs)
+        "pyyaml",
+        "numpy",
+        "transformers>=4.40",
+        "tokenizers",
+        "sentencepiece",
+        "safetensors",
+        "datasets",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # NVIDIA apex (fused Adam/LayerNorm) must be built from github.com/NVIDIA/apex;
+        # the PyPI package called "apex" is unrelated and must never be installed.
+        "gpu": ["transformer_engine[pytorch]"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megatron-reft=megatron_reft.cli:main"]},
+)
