@@ -1,0 +1,178 @@
+"""Build a megatron-core GPTModel (plus ReFT's value head) for this rank's pipeline stage.
+
+The layer spec is chosen like megatron-core intends: Transformer Engine's when it imports,
+the local (pure PyTorch) spec otherwise — model code is the same either way.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from megatron_reft.models import sharding
+from megatron_reft.models.families import ModelConfig, transformer_config
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # any import failure means "not usable here"
+        return False
+    return True
+
+
+def layer_spec(model: ModelConfig, use_te: bool | None = None):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = te_available() if use_te is None else use_te
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    norm = "RMSNorm" if model.family == "llama" else "LayerNorm"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class ReftGPTModel(GPTModel):
+        """GPTModel that can hand back its final (post-norm) hidden states and owns a value head.
+
+        ReFT's critic is a linear hidden→1 head on the policy's last hidden state (reft.md §4,
+        "shared trunk"); it lives on the last pipeline stage next to the output layer. The
+        engine computes logits from the hidden states in chunks, so full-vocabulary fp32
+        logits for the whole batch never exist at once.
+        """
+
+        def __init__(self, *args, with_value_head: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.value_head = None
+            if with_value_head and self.post_process:
+                self.value_head = torch.nn.Linear(self.config.hidden_size, 1,
+                                                  dtype=self.config.params_dtype)
+            self._return_hidden = False
+
+        def forward(self, *args, return_hidden: bool = False, **kwargs):
+            self._return_hidden = return_hidden
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                self._return_hidden = False
+
+        def _postprocess(self, hidden_states, *args, **kwargs):
+            if self._return_hidden:
+                return hidden_states  # [s, b, h], after the final norm
+            return super()._postprocess(hidden_states, *args, **kwargs)
+
+        def output_weight(self):
+            return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+
+    return ReftGPTModel
+
+
+def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_te: bool | None = None,
+                with_value_head: bool = False, recompute: bool = False):
+    """The model chunk for this rank (TP/PP from megatron's parallel state)."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    config = transformer_config(model, tensor_parallel=tp, pipeline_parallel=pp, dtype=dtype,
+                                on_gpu=torch.cuda.is_available(), recompute=recompute)
+    cls = _gpt_model_class()
+    gpt = cls(
+        config=config,
+        transformer_layer_spec=layer_spec(model, use_te),
+        vocab_size=model.padded_vocab_size(tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope" if model.family == "llama" else "learned_absolute",
+        rotary_base=model.rope_theta,
+        with_value_head=with_value_head,
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def layer_offset(gpt) -> int:
+    """Global index of this stage's first transformer layer."""
+    layers = gpt.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def global_param_names(gpt) -> dict[str, torch.nn.Parameter]:
+    """This stage's parameters under global names (layer numbers counted over all stages).
+
+    With tied embeddings under PP, the last stage's copy of the embedding is named like the
+    first stage's one so that it is drawn from the same generator.
+    """
+    offset = layer_offset(gpt)
+    names = {}
+    for local_name, param in gpt.named_parameters():
+        name = sharding.global_layer_name(local_name, offset)
+        if name == "output_layer.weight" and gpt.share_embeddings_and_output_weights:
+            name = "embedding.word_embeddings.weight"
+        names[name] = param
+    return names
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def full_shape(name: str, local: torch.Size, model: ModelConfig, tp: int) -> tuple[int, ...]:
+    k = sharding.kind(name)
+    if k == "vocab":
+        return (model.vocab_size,) + tuple(local[1:])
+    if k in ("column", "gated_column"):
+        return (local[0] * tp,) + tuple(local[1:])
+    if k == "row":
+        return (local[0], local[1] * tp)
+    return tuple(local)
+
+
+def _draw_full(name: str, shape, model: ModelConfig, seed: int) -> torch.Tensor:
+    if name.endswith("bias") or "layer_norm_bias" in name:
+        return torch.zeros(shape)
+    if "norm" in name:  # RMSNorm / LayerNorm weights (local and TE names)
+        return torch.ones(shape)
+    std = model.init_std
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / math.sqrt(2.0 * model.num_layers)  # megatron's scaled output-layer init
+    return torch.randn(shape, generator=_generator(seed, name)) * std
+
+
+@torch.no_grad()
+def init_weights(gpt, model: ModelConfig, seed: int) -> None:
+    """Same full weights for the same seed under any TP × PP layout.
+
+    Each parameter's full tensor is drawn from a generator keyed by (seed, global name) and
+    this rank keeps its TP shard. Costs a full-tensor draw per rank: fine for fresh small models;
+    large models start from converted checkpoints instead.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for name, param in global_param_names(gpt).items():
+        full = _draw_full(name, full_shape(name, param.shape, model, tp), model, seed)
+        local = sharding.shard(name, full, tp_rank, tp, gated=model.gated,
+                               padded_vocab=model.padded_vocab_size(tp))
+        param.copy_(local.to(param.dtype))
+
+
+@torch.no_grad()
+def reset_value_head(gpt, seed: int) -> None:
+    """Fresh random value head (reft.md §4: randomly initialised, no value warm-up)."""
+    head = getattr(gpt, "value_head", None)
+    if head is None:
+        return
+    gen = _generator(seed, "value_head.weight")
+    head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / math.sqrt(head.in_features))
+    head.bias.zero_()
