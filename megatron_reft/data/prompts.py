@@ -1,0 +1,134 @@
+"""Prompt and target strings, and their tokenization with the prompt masked out (reft.md §2).
+
+    prompt        "Question:\n" + question.strip() + "\nAnswer reasoning:\n"        (no BOS)
+    N-CoT target  cot.strip() + "\nTherefore, the answer is: " + answer                (+ EOS)
+    P-CoT target  the program "def solution():\n    \"\"\"<question>\"\"\"\n ... return result"  (+ EOS)
+
+SFT tokenizes prompt and target separately and concatenates the ids (as the reference does);
+RL tokenizes the prompt, plus for P-CoT the pre-filled program header, as ONE string. With
+tokenizers that merge across the seam the two can differ; encode_rl_prompt is the RL form.
+"""
+from dataclasses import dataclass
+
+from megatron_reft.data.records import LoadReport, Record, check_policy
+
+INSTRUCTION = "Question:\n"
+COT_TRIGGER = "\nAnswer reasoning:\n"
+ANSWER_TRIGGER = "\nTherefore, the answer is: "
+PROGRAM_HEADER = "def solution():\n"
+COT_TYPES = ("ncot", "pcot")
+
+
+def check_cot_type(cot_type: str) -> None:
+    if cot_type not in COT_TYPES:
+        raise ValueError(f"cot_type must be one of {COT_TYPES}, got {cot_type!r}")
+
+
+def build_prompt(question: str) -> str:
+    return INSTRUCTION + question.strip() + COT_TRIGGER
+
+
+def ncot_target(cot: str, answer: str) -> str:
+    # The reference appends the trigger to every N-CoT, even though the released SVAMP CoTs
+    # already end with their own "Therefore, the answer is <203>." sentence: the target then
+    # carries both, and we keep that so targets match the reference token for token.
+    return cot.strip() + ANSWER_TRIGGER + answer.strip()
+
+
+def pcot_prefill(question: str) -> str:
+    """The program header the RL prompt is pre-filled with (reft.md §2).
+
+    The reference code leaves off the final newline ("to decide based on the tokenizer"); we keep
+    it as reft.md §2 states, so the policy starts directly with the first body line.
+    """
+    return PROGRAM_HEADER + '    """' + question.strip() + '"""\n'
+
+
+def build_target(record: Record, cot_type: str) -> str:
+    check_cot_type(cot_type)
+    if record.cot is None:
+        raise ValueError(f"record {record.id} has no cot; SFT needs one")
+    if cot_type == "ncot":
+        return ncot_target(record.cot, record.answer)
+    return record.cot.strip()
+
+
+def build_rl_prompt(record: Record, cot_type: str) -> str:
+    check_cot_type(cot_type)
+    prompt = build_prompt(record.question)
+    return prompt + pcot_prefill(record.question) if cot_type == "pcot" else prompt
+
+
+def full_program(record: Record, completion: str) -> str:
+    """The whole P-CoT program once the policy has written the body after the prefill."""
+    return pcot_prefill(record.question) + completion
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 0 on prompt tokens, 1 on target tokens and the final EOS
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class OverlongError(ValueError):
+    """An item longer than the configured limit (reported or raised, never truncated silently)."""
+
+
+def encode_sft(tokenizer, record: Record, cot_type: str, max_length: int | None = None) -> SFTExample:
+    """prompt ids + target ids + EOS, loss only on target and EOS (reft.md §1, §2); no BOS."""
+    prompt_ids = tokenizer.encode(build_prompt(record.question))
+    target_ids = tokenizer.encode(build_target(record, cot_type)) + [tokenizer.eos_id]
+    if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
+        raise OverlongError(f"{len(prompt_ids) + len(target_ids)} tokens > max_length {max_length}")
+    return SFTExample(prompt_ids + target_ids, [0] * len(prompt_ids) + [1] * len(target_ids))
+
+
+def encode_rl_prompt(tokenizer, record: Record, cot_type: str, max_prompt_length: int | None = None) -> list[int]:
+    ids = tokenizer.encode(build_rl_prompt(record, cot_type))
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        raise OverlongError(f"{len(ids)} prompt tokens > max_prompt_length {max_prompt_length}")
+    return ids
+
+
+def encode_sft_records(tokenizer, records: list[Record], cot_type: str, max_length: int,
+                       on_malformed: str = "report", report: LoadReport | None = None
+                       ) -> tuple[list[SFTExample], list[Record], LoadReport]:
+    """encode_sft over a dataset; over-long items are counted in the report (or raise).
+
+    Returns the examples, the records they came from (same order) and the report.
+    """
+    check_policy(on_malformed)
+    report = report or LoadReport(source="sft-encoding")
+    examples, kept = [], []
+    for index, record in enumerate(records):
+        try:
+            examples.append(encode_sft(tokenizer, record, cot_type, max_length))
+        except OverlongError as error:
+            report.reject(index, "sequence_too_long", f"{record.id}: {error}", on_malformed)
+            continue
+        kept.append(record)
+    report.loaded = len(examples)
+    report.warn_if_malformed()
+    return examples, kept, report
+
+
+def encode_rl_prompts(tokenizer, records: list[Record], cot_type: str, max_prompt_length: int,
+                      on_malformed: str = "report", report: LoadReport | None = None
+                      ) -> tuple[list[list[int]], list[Record], LoadReport]:
+    """encode_rl_prompt over a dataset (reference: prompt <= 300 tokens, reft.md §5)."""
+    check_policy(on_malformed)
+    report = report or LoadReport(source="rl-prompt-encoding")
+    prompts, kept = [], []
+    for index, record in enumerate(records):
+        try:
+            prompts.append(encode_rl_prompt(tokenizer, record, cot_type, max_prompt_length))
+        except OverlongError as error:
+            report.reject(index, "prompt_too_long", f"{record.id}: {error}", on_malformed)
+            continue
+        kept.append(record)
+    report.loaded = len(prompts)
+    report.warn_if_malformed()
+    return prompts, kept, report
