@@ -1,0 +1,186 @@
+"""Checkpoints: one directory per checkpoint, written atomically, loadable at any TP × PP.
+
+Layout of a checkpoint directory:
+    model.yaml          architecture (ModelConfig, true vocabulary size) — training needs no model flags
+    tokenizer/          tokenizer files (when known)
+    weights/            megatron `dist_checkpointing` (torch_dist): model (+ optimizer) sharded state
+    trainer_state.json  step, epoch, data position, metrics (training checkpoints only)
+    rng/rank_<r>.pt     every rank's RNG states (exact resume)
+
+A checkpoint is written into `<name>.tmp` and renamed into place by rank 0 after all ranks
+finished, then `latest` (a one-line file) is replaced atomically: a crash leaves either the old
+or the new checkpoint, never a half-written "latest".
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_reft.models.families import ModelConfig, as_dict
+
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_model_yaml(directory: str | Path, model: ModelConfig) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "model.yaml").write_text(yaml.safe_dump(as_dict(model), sort_keys=False))
+
+
+def read_model_yaml(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "model.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a megatron-reft checkpoint (no model.yaml)")
+    return ModelConfig(**yaml.safe_load(path.read_text()))
+
+
+def unwrap(model_chunk):
+    """The ReftGPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model_chunk, "module"):
+        model_chunk = model_chunk.module
+    return model_chunk
+
+
+def model_sharded_state_dict(model_chunk) -> dict:
+    return unwrap(model_chunk).sharded_state_dict(prefix="model.")
+
+
+def checkpoint_tensor_keys(directory: str | Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(Path(directory) / "weights")).keys())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        from megatron.core import tensor_parallel
+
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(directory: str | Path, model_chunk, model: ModelConfig, *, optimizer=None,
+                    trainer_state: dict | None = None, tokenizer_dir: str | Path | None = None,
+                    update_latest: bool = True) -> Path:
+    """Save model (+ optimizer, trainer state, RNG) to `directory`, atomically."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "weights").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    state = model_sharded_state_dict(model_chunk)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+    dist_checkpointing.save(state, str(tmp / "weights"))
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        write_model_yaml(tmp, model)
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if trainer_state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if update_latest:
+            mark_latest(final)
+    _barrier()
+    return final
+
+
+def mark_latest(checkpoint: Path) -> None:
+    pointer = checkpoint.parent / LATEST
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(checkpoint.name + "\n")
+    os.replace(tmp, pointer)
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    pointer = Path(checkpoints_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    candidate = Path(checkpoints_dir) / pointer.read_text().strip()
+    return candidate if (candidate / "model.yaml").is_file() else None
+
+
+def load_checkpoint(directory: str | Path, model_chunk, *, optimizer=None,
+                    load_rng: bool = False) -> dict[str, Any]:
+    """Load weights (+ optimizer, RNG) into an already-built model at any TP × PP.
+
+    A checkpoint without a value head (a converted HF model, an SFT checkpoint) leaves the
+    model's freshly initialised head alone (reft.md §4: random value-head init).
+    Returns the trainer state (empty for weight-only checkpoints).
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    present = checkpoint_tensor_keys(directory)
+    state = model_sharded_state_dict(model_chunk)
+    state = {k: v for k, v in state.items() if not _missing_value_head(k, v, present)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(directory / "weights"))
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded.pop("optimizer"))
+    model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
+    missing = unwrap(model_chunk).load_state_dict(model_state, strict=False).missing_keys
+    unexpected_missing = [k for k in missing if not k.startswith("value_head") and "_extra_state" not in k]
+    if unexpected_missing:
+        raise RuntimeError(f"{directory}: checkpoint lacks {unexpected_missing[:5]}")
+    if load_rng:
+        rng_file = directory / "rng" / f"rank_{_rank():05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    trainer_file = directory / "trainer_state.json"
+    return json.loads(trainer_file.read_text()) if trainer_file.is_file() else {}
+
+
+def _missing_value_head(key: str, value, present: set[str]) -> bool:
+    return "value_head" in key and getattr(value, "key", key) not in present
+
+
+def prune_checkpoints(checkpoints_dir: str | Path, keep_last: int, protect: tuple[str, ...] = ("best",)) -> None:
+    """Delete old step checkpoints, keeping the newest `keep_last` and protected names."""
+    if _rank() != 0:
+        return
+    root = Path(checkpoints_dir)
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                   key=lambda p: int(p.name.split("_")[1]))
+    latest = latest_checkpoint(root)
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if old.name not in protect and old != latest:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Checks that need no process group or tensor: they run before start-up so an impossible
+layout or a missing file costs seconds, not a queue wait plus a crash."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_reft.config.load import ConfigError
+from megatron_reft.config.schema import Config
+from megatron_reft.models.families import ModelConfig
+
+CHOICES = {
+    "data.cot_type": ("ncot", "pcot"),
+    "data.on_malformed": ("report", "raise"),
+    "data.format": ("auto", "mwp_reft", "gsm8k", "jsonl", "hf"),
+    "optim.schedule": ("linear", "constant"),
+    "model.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "model.use_te": ("auto", "true", "false"),
+}
+
+
+def _get(config: Config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _file_errors(config: Config, job: str) -> list[str]:
+    errors = []
+    for key in ("data.train_file", "data.eval_file", "data.tokenizer", "model.load"):
+        value = _get(config, key)
+        if value is None or value == "synthetic" or str(value).startswith("hf:"):
+            continue
+        if not os.path.exists(value):
+            errors.append(f"{key}: not found: {value}")
+    if job in ("sft", "ppo") and config.data.train_file is None:
+        errors.append("data.train_file: required (a path, hf:<name>, or synthetic)")
+    if config.model.load is None and config.model.preset is None and config.model.family is None:
+        errors.append("model.preset: set a preset, model.load (a checkpoint) or the model fields")
+    return errors
+
+
+def _layout_errors(model: ModelConfig, config: Config, world_size: int | None) -> list[str]:
+    p = config.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    errors = []
+    if tp < 1 or pp < 1:
+        return ["parallel.tensor_model_parallel_size: TP and PP must be >= 1"]
+    if model.num_attention_heads % tp:
+        errors.append(f"parallel.tensor_model_parallel_size: {tp} does not divide "
+                      f"model.num_attention_heads={model.num_attention_heads}")
+    groups = model.num_query_groups
+    if groups % tp and tp % groups:
+        errors.append(f"parallel.tensor_model_parallel_size: {tp} must divide or be a multiple of "
+                      f"model.num_query_groups={groups}")
+    if model.num_layers % pp:
+        errors.append(f"parallel.pipeline_model_parallel_size: {pp} does not divide "
+                      f"model.num_layers={model.num_layers}")
+    if model.hidden_size % model.num_attention_heads:
+        errors.append(f"model.hidden_size: {model.hidden_size} not divisible by "
+                      f"model.num_attention_heads={model.num_attention_heads}")
+    if world_size is not None:
+        if world_size % (tp * pp):
+            errors.append(f"parallel.tensor_model_parallel_size: world size {world_size} is not "
+                          f"TP x PP x DP with TP={tp}, PP={pp}")
+        else:
+            errors += _batch_errors(config, world_size // (tp * pp))
+    return errors
+
+
+def _batch_errors(config: Config, dp: int) -> list[str]:
+    t, ppo = config.trainer, config.ppo
+    errors = []
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(f"trainer.global_batch_size: {t.global_batch_size} is not divisible by "
+                      f"trainer.micro_batch_size x DP = {t.micro_batch_size} x {dp}")
+    if ppo.rollout_batch_size % dp:
+        errors.append(f"ppo.rollout_batch_size: {ppo.rollout_batch_size} is not divisible by DP={dp}")
+    mini = ppo.mini_batch_size or ppo.rollout_batch_size
+    if ppo.rollout_batch_size % mini:
+        errors.append(f"ppo.mini_batch_size: {mini} does not divide ppo.rollout_batch_size="
+                      f"{ppo.rollout_batch_size}")
+    elif mini % (dp * t.micro_batch_size) and mini % dp:
+        errors.append(f"ppo.mini_batch_size: {mini} is not divisible by DP={dp}")
+    return errors
+
+
+def _value_errors(config: Config) -> list[str]:
+    errors = [f"{key}: {_get(config, key)!r} is not one of {', '.join(choices)}"
+              for key, choices in CHOICES.items() if str(_get(config, key)).lower() not in choices]
+    d, o, ppo = config.data, config.optim, config.ppo
+    if d.max_prompt_length >= d.max_total_length:
+        errors.append(f"data.max_prompt_length: {d.max_prompt_length} must be below "
+                      f"data.max_total_length={d.max_total_length}")
+    if not 0 <= o.warmup_fraction < 1:
+        errors.append(f"optim.warmup_fraction: {o.warmup_fraction} must be in [0, 1)")
+    if ppo.temperature < 0:
+        errors.append(f"ppo.temperature: {ppo.temperature} must be >= 0")
+    if not 0 < ppo.top_p <= 1:
+        errors.append(f"ppo.top_p: {ppo.top_p} must be in (0, 1]")
+    if config.trainer.micro_batch_size < 1:
+        errors.append("trainer.micro_batch_size: must be >= 1")
+    return errors
+
+
+def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
+             world_size: int | None = None) -> None:
+    """Raise ConfigError listing every problem, one line each, naming the key."""
+    errors = _value_errors(config) + _file_errors(config, job)
+    if model is not None:
+        errors += _layout_errors(model, config, world_size)
+        needed = config.data.max_length if job == "sft" else config.data.max_total_length
+        if model.family == "opt" and needed > model.max_position_embeddings:
+            errors.append(f"data.max_length: {needed} exceeds model.max_position_embeddings="
+                          f"{model.max_position_embeddings} (learned positions)")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def world_size_from_env() -> int | None:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return None
+
+
+def output_dir(config: Config) -> Path:
+    return Path(config.trainer.output_dir)
