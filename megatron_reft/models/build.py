@@ -95,9 +95,22 @@ def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_t
         rotary_base=model.rope_theta,
         with_value_head=with_value_head,
     )
+    _mark_tensor_parallel(gpt)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _mark_tensor_parallel(gpt) -> None:
+    """Tag TP-sharded parameters (megatron only tags them when it initialises them itself,
+    and we skip its init). Grad-norm clipping and the distributed optimizer rely on the tags to
+    count replicated parameters once."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for name, param in global_param_names(gpt).items():
+        k = sharding.kind(name)
+        if k != "replicated" and not getattr(param, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(param, True, 1 if k == "row" else 0, 1)
 
 
 def layer_offset(gpt) -> int:
@@ -161,6 +174,8 @@ def init_weights(gpt, model: ModelConfig, seed: int) -> None:
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for name, param in global_param_names(gpt).items():
+        if name.startswith("value_head."):
+            continue  # reset_value_head() draws it
         full = _draw_full(name, full_shape(name, param.shape, model, tp), model, seed)
         local = sharding.shard(name, full, tp_rank, tp, gated=model.gated,
                                padded_vocab=model.padded_vocab_size(tp))

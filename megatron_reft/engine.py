@@ -1,0 +1,228 @@
+"""The one seam between algorithms and parallelism (DESIGN.md "One engine seam").
+
+`Engine` wraps this rank's megatron-core model chunk and offers
+- `forward_backward(microbatches, loss_fn)` / `train_step(...)`: megatron-core pipeline schedules,
+  DDP gradient reduction, optimizer step with clipping;
+- `forward(microbatches)`: per-token log-probs, entropy and values (no grad), returned on
+  every rank of the pipeline.
+SFT and PPO code never sees TP/PP: it builds micro-batches of tokens and writes a loss.
+
+Loss convention (megatron's `calculate_per_token_loss`): a loss function returns
+`(loss_sum, normaliser_count, stats)`; megatron sums `loss_sum` over micro-batches and DP ranks
+and divides gradients by the summed count. With token counts this is the global per-token mean
+(SFT); with sequence counts and per-sequence means it is reft.md §4's "per sequence, then over
+sequences" average over the whole mini-batch, exactly, whatever the micro-batching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_reft.checkpoint.io import unwrap
+from megatron_reft.models.build import build_model, init_weights, reset_value_head
+from megatron_reft.models.families import ModelConfig
+from megatron_reft.models.vocab_parallel import token_logprobs_and_entropy
+
+LossFn = Callable[[dict, dict], tuple]
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+@dataclass
+class OptimSettings:
+    lr: float
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+def causal_mask(seq: int, device=None) -> torch.Tensor:
+    """[1, 1, s, s] boolean, True where attention is NOT allowed (megatron's convention)."""
+    return torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def _pad_to(t: torch.Tensor, length: int, value=0) -> torch.Tensor:
+    if t.shape[1] == length:
+        return t
+    pad = t.new_full((t.shape[0], length - t.shape[1]) + tuple(t.shape[2:]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+class Engine:
+    def __init__(self, model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_te=None,
+                 with_value_head: bool = False, optim: OptimSettings | None = None,
+                 recompute: bool = False, logprob_chunk_tokens: int = 4096):
+        from megatron.core import parallel_state as ps
+
+        self.model_config = model
+        self.dtype = dtype
+        self.chunk_tokens = logprob_chunk_tokens
+        self.temperature = 1.0
+        self.gpt = build_model(model, dtype=dtype, use_te=use_te, with_value_head=with_value_head,
+                               recompute=recompute)
+        self.tconfig = self.gpt.config
+        self.tconfig.calculate_per_token_loss = True
+        self.is_first_stage = ps.is_pipeline_first_stage()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.module = self.gpt
+        if dtype in (torch.bfloat16, torch.float16):
+            from megatron.core.transformer.module import Float16Module
+
+            self.module = Float16Module(self.tconfig, self.gpt)
+        self.optimizer = None
+        if optim is not None:
+            self._setup_training(optim)
+
+    # ---------------------------------------------------------------- set-up
+    def _setup_training(self, optim: OptimSettings) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=optim.use_distributed_optimizer)
+        self.module = DistributedDataParallel(self.tconfig, ddp_config, self.module)
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = self.module.no_sync
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
+                            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
+                            adam_eps=optim.adam_eps, clip_grad=optim.clip_grad,
+                            bf16=self.dtype == torch.bfloat16, fp16=self.dtype == torch.float16,
+                            params_dtype=self.dtype,
+                            use_distributed_optimizer=optim.use_distributed_optimizer),
+            [self.module])
+
+    def init_from_scratch(self, seed: int) -> None:
+        init_weights(self.gpt, self.model_config, seed)
+        reset_value_head(self.gpt, seed)
+        self._sync_param_copies()
+
+    def _sync_param_copies(self) -> None:
+        """After writing model params in place, refresh the optimizer's fp32 main copies."""
+        if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---------------------------------------------------------------- core
+    def _forward_step(self, loss_fn: LossFn | None):
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb["tokens"] if self.is_first_stage else None
+            hidden = model(tokens, mb["position_ids"], mb["attention_mask"], return_hidden=True)
+            if not self.is_last_stage:
+                return hidden, None
+            return hidden, lambda h: self._last_stage_loss(mb, h, loss_fn)
+
+        return forward_step
+
+    def _last_stage_loss(self, mb: dict, hidden: torch.Tensor, loss_fn: LossFn | None):
+        gpt = self.gpt
+        hidden = hidden.to(self.dtype)
+        logprobs, entropy = token_logprobs_and_entropy(
+            hidden, mb["labels"], gpt.output_layer, gpt.output_weight(),
+            self.model_config.vocab_size, self.chunk_tokens, self.temperature)
+        values = None
+        if gpt.value_head is not None:
+            values = gpt.value_head(hidden).squeeze(-1).t().float()  # [b, s]
+        out = {"logprobs": logprobs, "entropy": entropy, "values": values}
+        if loss_fn is None:  # forward only: hand the per-token outputs back
+            detached = {k: v.detach() for k, v in out.items() if v is not None}
+            return torch.zeros(()), torch.ones((), dtype=torch.int), detached
+        loss_sum, count, stats = loss_fn(mb, out)
+        return loss_sum, torch.as_tensor(count, dtype=torch.int).reshape(()), stats
+
+    def _prepare(self, microbatches: list[dict]) -> tuple[list[dict], int, int]:
+        """Pad every micro-batch to one [b, s] (pipeline P2P needs fixed shapes); add masks."""
+        seq = max(mb["tokens"].shape[1] for mb in microbatches)
+        batch = microbatches[0]["tokens"].shape[0]
+        prepared = []
+        for mb in microbatches:
+            if mb["tokens"].shape[0] != batch:
+                raise ValueError("all micro-batches of one call must have the same batch size")
+            mb = {k: (_pad_to(v, seq) if torch.is_tensor(v) and v.dim() >= 2 and k != "attention_mask" else v)
+                  for k, v in mb.items()}
+            if mb.get("attention_mask") is None:
+                mb["attention_mask"] = causal_mask(seq, mb["tokens"].device)
+            if "position_ids" not in mb:
+                mb["position_ids"] = torch.arange(seq, device=mb["tokens"].device).expand(batch, seq)
+            prepared.append(mb)
+        return prepared, seq, batch
+
+    def forward_backward(self, microbatches: list[dict], loss_fn: LossFn | None,
+                         forward_only: bool = False) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        microbatches, seq, batch = self._prepare(microbatches)
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step(loss_fn), data_iterator=iter(microbatches),
+            model=[self.module], num_microbatches=len(microbatches), seq_length=seq,
+            micro_batch_size=batch, forward_only=forward_only)
+
+    def train_step(self, microbatches: list[dict], loss_fn: LossFn) -> dict:
+        """One optimizer step over the micro-batches (a mini-batch on this DP rank)."""
+        self.module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        stats = self.forward_backward(microbatches, loss_fn)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        return {"stats": stats, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                "update_ok": bool(update_ok)}
+
+    @torch.no_grad()
+    def forward(self, microbatches: list[dict]) -> list[dict]:
+        """Per-token log-probs/entropy/values for each micro-batch, on every pipeline rank.
+
+        Outputs are [b, s] aligned with `labels` (position t scores label t = token t+1).
+        """
+        self.module.eval()
+        outputs = self.forward_backward(microbatches, None, forward_only=True)
+        return self._broadcast_from_last_stage(outputs, microbatches)
+
+    def _broadcast_from_last_stage(self, outputs: list[dict], microbatches: list[dict]) -> list[dict]:
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return outputs
+        group, src = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
+        keys = ["logprobs", "entropy"] + (["values"] if self._has_value_head() else [])
+        result = []
+        for i, mb in enumerate(microbatches):
+            b, s = mb["tokens"].shape[0], max(m["tokens"].shape[1] for m in microbatches)
+            packed = (torch.stack([outputs[i][k] for k in keys]) if self.is_last_stage
+                      else torch.empty(len(keys), b, s))
+            packed = packed.float().contiguous()
+            dist.broadcast(packed, src=src, group=group)
+            result.append(dict(zip(keys, packed.unbind(0))))
+        return result
+
+    def _has_value_head(self) -> bool:
+        from megatron.core import parallel_state as ps
+
+        flag = torch.tensor([1 if self.gpt.value_head is not None else 0])
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+        return bool(flag.item())
+
+    def parameters_fingerprint(self) -> float:
+        """Sum of all weights over all ranks (a cheap equality check in tests)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self.gpt.parameters():
+            total += p.detach().double().sum()
+        return float(total)
+
+    def unwrapped(self):
+        return unwrap(self.module)

@@ -1,0 +1,91 @@
+"""Token log-probs and entropy from vocab-parallel logits, in fp32, chunk by chunk.
+
+Each TP rank holds logits for its slice of the (padded) vocabulary. We never gather the full
+vocabulary: softmax statistics are all-reduced over the TP group. Padding rows (vocabulary
+padded for TP divisibility) are pushed to a huge negative logit so they never reach a softmax.
+Logits are computed from hidden states a chunk of positions at a time, and under autograd each
+chunk is recomputed in backward (activation checkpointing), so the whole batch's fp32 logits
+never exist at once (peers' most common out-of-memory cause).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+_PAD_LOGIT = -1e30  # finite: exp() underflows to 0 and 0 · logit stays 0 (no NaN in entropy)
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+def _vocab_range(local_vocab: int):
+    from megatron.core import parallel_state as ps
+
+    start = ps.get_tensor_model_parallel_rank() * local_vocab
+    return start, start + local_vocab
+
+
+def mask_padding(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """Padding columns of this rank's slice → a huge negative logit."""
+    start, end = _vocab_range(logits.shape[-1])
+    if end <= true_vocab:
+        return logits
+    column = torch.arange(start, end, device=logits.device)
+    return logits.masked_fill(column >= true_vocab, _PAD_LOGIT)
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) from vocab-parallel fp32 logits (differentiable; megatron's kernel)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) − Σ p·z over the full vocabulary, from vocab-parallel logits."""
+    group = _tp_group()
+    local_max = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - local_max
+    exp = shifted.exp()
+    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
+    dist.all_reduce(sums, group=group)
+    sum_exp, sum_exp_z = sums[0], sums[1]
+    return sum_exp.log() - sum_exp_z / sum_exp
+
+
+def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature):
+    logits, _ = output_layer(hidden, weight=weight)  # [s_chunk, b, V/TP]
+    logits = mask_padding(logits.float(), true_vocab)
+    if temperature != 1.0:
+        logits = logits / temperature
+    # Entropy first: megatron's cross-entropy kernel shifts its fp32 input in place.
+    entropy = vocab_parallel_entropy(logits.detach())
+    logprobs = vocab_parallel_logprobs(logits, labels.t().contiguous())  # [s_chunk, b]
+    return logprobs.t(), entropy.t()
+
+
+def token_logprobs_and_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_layer, weight,
+                               true_vocab: int, chunk_tokens: int = 4096, temperature: float = 1.0):
+    """hidden [s, b, h] (post final norm), labels [b, s] → (logprobs [b, s], entropy [b, s]).
+
+    `chunk_tokens` bounds positions × batch per chunk of fp32 logits.
+    """
+    seq, batch = hidden.shape[0], hidden.shape[1]
+    step = max(1, chunk_tokens // max(batch, 1))
+    logprobs, entropies = [], []
+    for begin in range(0, seq, step):
+        h, y = hidden[begin:begin + step], labels[:, begin:begin + step]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            lp, ent = checkpoint(_chunk_stats, h, y, output_layer, weight, true_vocab, temperature,
+                                 use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(h, y, output_layer, weight, true_vocab, temperature)
+        logprobs.append(lp)
+        entropies.append(ent)
+    return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)
