@@ -90,7 +90,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: str | Path, model_chunk, model: ModelConfig, *, optimizer=None,
-                    trainer_state: dict | None = None, tokenizer_dir: str | Path | None = None,
+                    trainer_state: dict | None = None, tokenizer=None,
                     update_latest: bool = True) -> Path:
     """Save model (+ optimizer, trainer state, RNG) to `directory`, atomically."""
     from megatron.core import dist_checkpointing
@@ -110,8 +110,8 @@ def save_checkpoint(directory: str | Path, model_chunk, model: ModelConfig, *, o
     _barrier()
     if _rank() == 0:
         write_model_yaml(tmp, model)
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if tokenizer is not None:  # anything with save(dir): our Tokenizer, an HF tokenizer
+            tokenizer.save(str(tmp / "tokenizer"))
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.rmtree(final, ignore_errors=True)

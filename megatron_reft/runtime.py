@@ -1,0 +1,261 @@
+"""What every job (sft, ppo, eval) does around its algorithm: read and validate the config,
+start the distributed world, get the tokenizer and data, log metrics, pick the checkpoint to
+resume from. Kept here so trainer files read as the algorithm."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_reft.config import (Config, ConfigError, ModelConfig, load_config, resolve_model_config,
+                                  save_config, validate, world_size_from_env)
+from megatron_reft.distributed import init as dist_init
+
+
+def parse_job_args(argv, prog: str, description: str, extra=None):
+    parser = argparse.ArgumentParser(prog=f"megatron-reft {prog}", description=description)
+    parser.add_argument("--config", help="YAML recipe (see docs/configuration.md)")
+    if extra:
+        extra(parser)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.max_steps=10")
+    return parser.parse_args(argv)
+
+
+def load_and_validate(config_path, overrides, job: str) -> Config:
+    """Everything checkable without a process group, before one is made."""
+    config = load_config(config_path, overrides)
+    vocab_hint = 1 if config.data.train_file == "synthetic" else None  # real size known later
+    try:
+        model = resolve_model_config(config, vocab_size=vocab_hint)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    validate(config, model, job=job, world_size=world_size_from_env())
+    return config
+
+
+def exit_on_config_error(fn):
+    """Config problems print one line per problem and exit 2, before any rank starts work."""
+    def wrapper(argv=None):
+        try:
+            return fn(argv)
+        except ConfigError as err:
+            print(f"config error:\n{err}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+# ---------------------------------------------------------------- distributed
+def start(config: Config) -> dist_init.LaunchEnv:
+    p = config.parallel
+    launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                  seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    if config.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return launch
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def dp_rank_and_size() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def print0(*args) -> None:
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def layout_line(config: Config) -> str:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+    device = f"{torch.cuda.device_count()} GPU(s)/node" if torch.cuda.is_available() else "CPU (gloo)"
+    return f"layout: world={world} TP={tp} PP={pp} DP={world // (tp * pp)} on {device}"
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class Data:
+    tokenizer: object
+    tokenizer_dir: str | None
+    train: list = field(default_factory=list)
+    eval: list = field(default_factory=list)
+
+
+def _tokenizer_source(config: Config) -> str | None:
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    if config.model.load and (Path(config.model.load) / "tokenizer").is_dir():
+        return str(Path(config.model.load) / "tokenizer")
+    return None
+
+
+def load_data(config: Config, need_train: bool = True) -> Data:
+    """Tokenizer + records. The synthetic task's tokenizer is trained once by rank 0."""
+    from megatron_reft.data import load_records, load_tokenizer, make_synthetic_splits, train_synthetic_tokenizer
+
+    d = config.data
+    source = _tokenizer_source(config)
+    if d.train_file == "synthetic" or d.eval_file == "synthetic":
+        train, held_out = make_synthetic_splits(d.synthetic_train_items, d.synthetic_eval_items,
+                                                d.synthetic_seed, d.synthetic_difficulty, d.cot_type)
+        if source is None:
+            source = str(Path(config.trainer.output_dir) / "tokenizer")
+            if rank() == 0 and not Path(source).is_dir():
+                train_synthetic_tokenizer(train, source + ".tmp", d.synthetic_vocab_size)
+                os.replace(source + ".tmp", source)
+            barrier()
+        data = Data(load_tokenizer(source), source, train if need_train else [], held_out)
+    else:
+        if source is None:
+            raise ConfigError("data.tokenizer: no tokenizer (set data.tokenizer or use a model.load "
+                              "checkpoint that has tokenizer/)")
+        data = Data(load_tokenizer(source), source)
+        if need_train and d.train_file:
+            data.train, report = load_records(d.train_file, d.cot_type, d.format, d.on_malformed)
+            print0(f"train data: {report}")
+        if d.eval_file:
+            data.eval, report = load_records(d.eval_file, d.cot_type, d.format, d.on_malformed,
+                                             require_cot=False)
+            print0(f"eval data: {report}")
+    if d.max_eval_items is not None:
+        data.eval = data.eval[:d.max_eval_items]
+    return data
+
+
+def model_config_for(config: Config, data: Data) -> ModelConfig:
+    model = resolve_model_config(config, vocab_size=data.tokenizer.vocab_size)
+    if data.tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "
+                          f"{data.tokenizer.vocab_size}")
+    return model
+
+
+# ---------------------------------------------------------------- schedule
+def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str,
+                  warmup_fraction: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up over `warmup_fraction` of the planned steps, then linear decay to min_lr
+    (reft.md §5: warm-up SFT 1e-5, 10% warm-up over a 40-epoch run); or constant (PPO)."""
+    if schedule == "constant":
+        return base_lr
+    warmup = int(math.floor(warmup_fraction * total_steps))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    remaining = max(total_steps - warmup, 1)
+    progress = min((step - warmup) / remaining, 1.0)
+    return min_lr + (base_lr - min_lr) * (1.0 - progress)
+
+
+# ---------------------------------------------------------------- outputs
+class MetricsLogger:
+    """metrics.jsonl + TensorBoard + a console progress bar, on global rank 0 only."""
+
+    def __init__(self, config: Config, total_steps: int, start_step: int, desc: str):
+        self.active = rank() == 0
+        self.out = Path(config.trainer.output_dir)
+        self.writer = self.bar = None
+        if not self.active:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "metrics.jsonl"
+        self._truncate_after(start_step)
+        if config.trainer.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if config.trainer.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict) -> None:
+        if not self.active:
+            return
+        metrics = {k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()
+        if self.bar is not None:
+            self.bar.n = metrics["step"]
+            shown = {k: metrics[k] for k in ("loss", "reward_mean", "accuracy", "eval_loss", "kl") if k in metrics}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Timer:
+    """Per-phase wall-clock timings for a step (synchronised on GPU)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Phase()
+
+    def as_metrics(self, prefix: str = "time_") -> dict:
+        return {prefix + k: round(v, 4) for k, v in self.times.items()}
+
+
+def write_run_config(config: Config) -> None:
+    if rank() == 0:
+        save_config(config, Path(config.trainer.output_dir) / "config.yaml")
+
+
+def resume_source(config: Config) -> Path | None:
+    """`trainer.resume`: auto → latest checkpoint in output_dir/checkpoints; none; or a path."""
+    from megatron_reft.checkpoint.io import latest_checkpoint
+
+    choice = config.trainer.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_checkpoint(Path(config.trainer.output_dir) / "checkpoints")
+    if not (Path(choice) / "model.yaml").is_file():
+        raise ConfigError(f"trainer.resume: not a checkpoint: {choice}")
+    return Path(choice)
