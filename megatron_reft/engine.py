@@ -109,6 +109,19 @@ class Engine:
         reset_value_head(self.gpt, seed)
         self._sync_param_copies()
 
+    def reset_value_head(self, seed: int) -> None:
+        reset_value_head(self.gpt, seed)
+        self._sync_param_copies()
+
+    def offload(self) -> None:
+        """Move weights to host memory between uses (the frozen reference model, on GPU)."""
+        if torch.cuda.is_available():
+            self.gpt.cpu()
+
+    def onload(self) -> None:
+        if torch.cuda.is_available():
+            self.gpt.cuda(torch.cuda.current_device())
+
     def _sync_param_copies(self) -> None:
         """After writing model params in place, refresh the optimizer's fp32 main copies."""
         if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):

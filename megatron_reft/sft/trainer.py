@@ -64,7 +64,7 @@ def evaluation_loss(engine: Engine, examples: list, micro_batch_size: int, pad_i
     return global_mean(stats)
 
 
-def build_engine(config, model_cfg, optim: bool = True) -> Engine:
+def build_engine(config, model_cfg, optim: bool = True, value_head: bool = False) -> Engine:
     o = config.optim
     settings = OptimSettings(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
                              adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
@@ -72,6 +72,7 @@ def build_engine(config, model_cfg, optim: bool = True) -> Engine:
     use_te = {"auto": None, "true": True, "false": False}[config.model.use_te.lower()]
     return Engine(model_cfg, dtype=resolve_dtype(config.model.dtype), use_te=use_te,
                   optim=settings if optim else None, recompute=config.model.recompute,
+                  with_value_head=value_head,
                   logprob_chunk_tokens=config.ppo.logprob_chunk_tokens)
 
 

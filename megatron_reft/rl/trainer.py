@@ -1,0 +1,282 @@
+"""ReFT PPO (reft.md §4), one rollout batch per step:
+
+    generate (policy, T=1) → score (answer / program in the sandbox) → old log-probs + values
+    (policy) and ref log-probs (frozen warm-up model) → k1-KL rewards → GAE (γ=1, λ=0.95) →
+    whitening over all DP ranks → 2 PPO updates (policy + 5 × value) → metrics, eval, checkpoint
+
+`megatron-reft ppo --config FILE [key=value ...]`. model.load names the warm-up checkpoint: the
+policy starts from it (value head random) and the reference model is a frozen copy of it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_reft import runtime
+from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
+from megatron_reft.critic import SharedTrunkCritic
+from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
+from megatron_reft.rl import ppo_math
+from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
+from megatron_reft.sft.trainer import build_engine
+
+
+def ppo_loss_fn(config, with_value: bool = True):
+    """total = policy + vf_coef · value (reft.md §4); the value term only for a shared trunk."""
+    p = config.ppo
+
+    def loss_fn(mb: dict, out: dict):
+        mask = mb["action_mask"]
+        # num_sequences=1: the sum of per-sequence means; megatron divides by the number of
+        # sequences over all micro-batches and DP ranks (engine.py's loss convention).
+        if with_value:
+            loss, stats = ppo_math.ppo_loss(
+                out["logprobs"], mb["old_logprobs"], out["values"], mb["values"], mb["advantages"],
+                mb["returns"], mask, clip_eps=p.clip_eps, value_clip_range=p.value_clip,
+                vf_coef=p.vf_coef, num_sequences=1, entropy=out["entropy"])
+        else:
+            loss, stats = ppo_math.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"],
+                                               mask, clip_eps=p.clip_eps, num_sequences=1)
+        return loss, ppo_math.count_sequences(mask), stats
+
+    return loss_fn
+
+
+def reduce_stats(stats: list[dict]) -> dict:
+    """Average micro-batch statistics over micro-batches and all DP ranks (max for *_max)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(stats[0]) if stats else []
+    keys = _broadcast_keys(keys)
+    contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    maxes = torch.full((len(keys),), -float("inf"), dtype=torch.float64)
+    if contributes:
+        for s in stats:
+            sums[:-1] += torch.tensor([float(s[k]) for k in keys], dtype=torch.float64)
+            maxes = torch.maximum(maxes, torch.tensor([float(s[k]) for k in keys], dtype=torch.float64))
+        sums[-1] = len(stats)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    return {k: float(maxes[i]) if k.endswith("_max") else float(sums[i] / sums[-1].clamp(min=1))
+            for i, k in enumerate(keys)}
+
+
+def _broadcast_keys(keys: list[str]) -> list[str]:
+    """Only last-stage ranks know the stat names; share them with everyone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return keys
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    return max(gathered, key=len)
+
+
+class PPOTrainer:
+    def __init__(self, config):
+        self.config = config
+        self.launch = runtime.start(config)
+        runtime.print0(runtime.layout_line(config) + f" (launcher: {self.launch.launcher})")
+        self.data = runtime.load_data(config)
+        self.model_cfg = runtime.model_config_for(config, self.data)
+        runtime.write_run_config(config)
+        self.policy = build_engine(config, self.model_cfg, optim=True, value_head=True)
+        self.reference = build_engine(config, self.model_cfg, optim=False)
+        self.critic = SharedTrunkCritic(self.policy)
+        self.scorer = make_scorer(config)
+        self._prepare_prompts()
+        self.step, self.best_accuracy = 0, None
+        self._load_weights()
+
+    def _prepare_prompts(self) -> None:
+        from megatron_reft.data import ResumableBatchSampler, encode_rl_prompts
+
+        d, t = self.config.data, self.config.trainer
+        self.prompts, self.records, _ = encode_rl_prompts(
+            self.data.tokenizer, self.data.train, d.cot_type, d.max_prompt_length, d.on_malformed)
+        dp_rank, dp_size = runtime.dp_rank_and_size()
+        self.sampler = ResumableBatchSampler(len(self.prompts), self.config.ppo.rollout_batch_size,
+                                             dp_rank, dp_size, seed=t.seed)
+        per_epoch = self.sampler.batches_per_epoch
+        self.max_steps = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+
+    def _load_weights(self) -> None:
+        c = self.config
+        if c.model.load is None:
+            runtime.print0("warning: model.load is not set; PPO starts from random weights")
+            self.policy.init_from_scratch(c.trainer.seed)
+            self.reference.init_from_scratch(c.trainer.seed)
+        else:
+            load_checkpoint(c.model.load, self.reference.module)
+            load_checkpoint(c.model.load, self.policy.module)  # value head stays random (§4)
+            self.policy.reset_value_head(c.trainer.seed)
+        resume = runtime.resume_source(c)
+        if resume is not None:
+            state = load_checkpoint(resume, self.policy.module, optimizer=self.policy.optimizer, load_rng=True)
+            self.step, self.best_accuracy = state["step"], state.get("best_accuracy")
+            self.sampler.load_state_dict(state["sampler"])
+            runtime.print0(f"resumed from {resume} at step {self.step}")
+        self.policy._sync_param_copies()
+        if c.ppo.ref_offload:
+            self.reference.offload()
+
+    # ------------------------------------------------------------------ one step
+    def rollout(self, timer) -> tuple:
+        from megatron_reft.generation import SamplingParams, generate
+
+        p, d = self.config.ppo, self.config.data
+        dp_rank, _ = runtime.dp_rank_and_size()
+        rows = self.sampler.next_batch()
+        prompts = [self.prompts[i] for i in rows]
+        records = [self.records[i] for i in rows]
+        params = SamplingParams(max_new_tokens=d.max_total_length - min(len(x) for x in prompts),
+                                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                max_total_length=d.max_total_length)
+        # A seed per (run, step, DP rank): rollouts are reproducible and resume exactly.
+        seed = self.config.trainer.seed * 1_000_003 + self.step * 101 + dp_rank
+        with timer("generation"):
+            self.policy.module.eval()
+            out = generate(self.policy, prompts, self.data.tokenizer.eos_id, params, seed=seed)
+        texts = [response_text(self.data.tokenizer, r, toks, d.cot_type) for r, toks in zip(records, out.tokens)]
+        scores_future = self.scorer.score_async(texts, [r.answer for r in records],
+                                                [r.answer_type for r in records])
+        batch = build_rollout_batch(prompts, out.tokens, out.finished, self.data.tokenizer.pad_id)
+        return batch, scores_future
+
+    def score_and_advantages(self, batch, scores_future, timer) -> dict:
+        from megatron.core import parallel_state as ps
+
+        p, t = self.config.ppo, self.config.trainer
+        rows = list(range(batch.size))
+        with timer("logprobs"):  # overlaps with sandbox scoring running in the background
+            mbs = micro_batches(batch, rows, t.micro_batch_size)
+            old = self.policy.forward(mbs)
+            old_values = self.critic.values(mbs, old)
+            if p.ref_offload:
+                self.reference.onload()
+            ref = self.reference.forward(mbs)
+            if p.ref_offload:
+                self.reference.offload()
+        with timer("scoring"):
+            results = scores_future.result()
+        scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
+        mask = batch.action_mask
+        old_logprobs = gather_forward(old, "logprobs", batch.size)
+        values = torch.cat(old_values)[:batch.size]
+        ref_logprobs = gather_forward(ref, "logprobs", batch.size)
+        rewards, kl = ppo_math.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, p.kl_coef)
+        advantages, returns = ppo_math.gae_advantages(rewards, values, mask, p.gamma, p.lam)
+        advantages = ppo_math.whiten_advantages(advantages, mask, group=ps.get_data_parallel_group())
+        batch.tensors.update(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
+        entropy = gather_forward(old, "entropy", batch.size)
+        return {"scores": scores, "correct": torch.tensor([float(r.correct) for r in results]),
+                "kl": kl, "entropy": entropy, "values": values, "returns": returns,
+                "statuses": [r.status for r in results]}
+
+    def update(self, batch, timer) -> dict:
+        p, t = self.config.ppo, self.config.trainer
+        _, dp_size = runtime.dp_rank_and_size()
+        mini = (p.mini_batch_size or p.rollout_batch_size) // dp_size
+        stats, grad_norms = [], []
+        with timer("update"):
+            self.policy.set_lr(self.config.optim.lr)  # reft.md §5: constant
+            for _ in range(p.ppo_epochs):  # full batch each, no reshuffle needed (§5)
+                for start in range(0, batch.size, mini):
+                    rows = list(range(start, min(start + mini, batch.size)))
+                    mbs = micro_batches(batch, rows, t.micro_batch_size)
+                    result = self.policy.train_step(mbs, ppo_loss_fn(self.config, self.critic.shared))
+                    self.critic.update(mbs)
+                    stats += result["stats"]
+                    grad_norms.append(result["grad_norm"])
+        reduced = reduce_stats(stats)
+        reduced["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return reduced
+
+    def step_metrics(self, batch, adv: dict, update: dict, timer, seconds: float) -> dict:
+        mask = batch.action_mask
+        local = torch.tensor([adv["scores"].sum(), adv["correct"].sum(), batch.size,
+                              float(sum(batch.response_lengths)),
+                              ppo_math.masked_sum(adv["kl"], mask), ppo_math.masked_sum(adv["entropy"], mask),
+                              mask.sum()], dtype=torch.float64)
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        if dist.is_initialized():
+            dist.all_reduce(local, group=ps.get_data_parallel_group())
+        score_sum, correct, n, resp_tokens, kl_sum, ent_sum, actions = local.tolist()
+        ev = ppo_math.explained_variance(adv["values"], adv["returns"], mask)
+        generated = resp_tokens
+        metrics = {"step": self.step, "epoch": self.step / self.sampler.batches_per_epoch,
+                   "reward_mean": score_sum / n, "accuracy": correct / n,
+                   "kl": kl_sum / n, "kl_per_token": kl_sum / max(actions, 1),
+                   "entropy": ent_sum / max(actions, 1), "response_length": resp_tokens / n,
+                   "value_loss": update.get("value_loss"), "policy_loss": update.get("policy_loss"),
+                   "explained_variance": float(ev), "clip_fraction": update.get("clip_fraction"),
+                   "value_clip_fraction": update.get("value_clip_fraction"),
+                   "ratio_mean": update.get("ratio_mean"), "ratio_max": update.get("ratio_max"),
+                   "approx_kl": update.get("approx_kl"), "grad_norm": update["grad_norm"],
+                   "lr": self.config.optim.lr, "step_time": seconds,
+                   "tokens_per_s": generated / seconds if seconds else 0.0}
+        metrics.update(timer.as_metrics())
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def evaluate(self) -> float | None:
+        if not self.data.eval:
+            return None
+        self.policy.module.eval()
+        accuracy, _ = greedy_accuracy(self.policy, self.data.tokenizer, self.data.eval, self.config, self.scorer)
+        return accuracy
+
+    def save(self, name: str, metrics: dict, update_latest: bool = True) -> None:
+        ckpt_dir = Path(self.config.trainer.output_dir) / "checkpoints"
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "metrics": metrics,
+                 "best_accuracy": self.best_accuracy, "job": "ppo", "reference": self.config.model.load}
+        save_checkpoint(ckpt_dir / name, self.policy.module, self.model_cfg, optimizer=self.policy.optimizer,
+                        trainer_state=state, tokenizer=self.data.tokenizer, update_latest=update_latest)
+        prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
+
+    def train(self) -> dict:
+        t = self.config.trainer
+        logger = runtime.MetricsLogger(self.config, self.max_steps, self.step, "ppo")
+        eval_every = t.eval_interval or self.sampler.batches_per_epoch
+        save_every = t.save_interval or self.sampler.batches_per_epoch
+        metrics, last_saved = {}, self.step
+        while self.step < self.max_steps:
+            timer, t0 = runtime.Timer(), time.perf_counter()
+            batch, scores_future = self.rollout(timer)
+            adv = self.score_and_advantages(batch, scores_future, timer)
+            update = self.update(batch, timer)
+            self.step += 1
+            metrics = self.step_metrics(batch, adv, update, timer, time.perf_counter() - t0)
+            if self.step % eval_every == 0 or self.step == self.max_steps:
+                metrics["eval_accuracy"] = self.evaluate()
+                if metrics["eval_accuracy"] is not None and (self.best_accuracy is None
+                                                             or metrics["eval_accuracy"] > self.best_accuracy):
+                    self.best_accuracy = metrics["eval_accuracy"]
+                    self.save("best", metrics, update_latest=False)
+            logger.log(metrics)
+            if self.step % save_every == 0 or self.step == self.max_steps:
+                self.save(f"step_{self.step}", metrics)
+                last_saved = self.step
+        if last_saved != self.step:
+            self.save(f"step_{self.step}", metrics)
+        logger.close()
+        self.scorer.close()
+        return metrics
+
+
+@runtime.exit_on_config_error
+def main(argv=None) -> int:
+    args = runtime.parse_job_args(argv, "ppo", "ReFT PPO from a warm-up checkpoint (reft.md §4).")
+    config = runtime.load_and_validate(args.config, args.overrides, job="ppo")
+    PPOTrainer(config).train()
+    from megatron_reft.distributed.init import shutdown
+
+    shutdown()
+    return 0
