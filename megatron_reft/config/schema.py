@@ -80,6 +80,7 @@ class TrainerSection:
     seed: int = 42
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (wins over epochs)
+    max_seconds: Optional[float] = None  # stop (and checkpoint) after this much training wall-clock time
     global_batch_size: int = 48
     micro_batch_size: int = 4
     log_interval: int = 1
