@@ -1,0 +1,454 @@
+"""Sandbox worker process: launcher -> zygote -> one forked child per program.
+
+Started by pool.py as `python -I -B -c <boot> <package root> <config json>` with an empty
+environment. Three roles, top to bottom:
+
+* launcher: enters fresh namespaces (pid, net, ipc; plus user when not root), forks the
+  zygote, then only waits for it. Killing the launcher kills the zygote (parent-death
+  signal), and the zygote's death kills everything in its pid namespace (kernel rule).
+* zygote: PID 1 of the new pid namespace. Imports math (and whatever `preload` names) once,
+  prepares the jail, probes which mechanisms work, then serves JSON-line requests from the
+  trainer on stdin: for each program it forks a child, enforces wall time and output size,
+  reaps it and answers with a validated {id, status, value} line on stdout.
+* child: locks itself down (jail.py), runs the program, writes one JSON line, exits.
+
+Why fork per program rather than running programs inside a locked-down worker: forking a
+pre-warmed interpreter costs ~0.5 ms here, gives every program a pristine interpreter (a
+program that rebinds math.pi cannot poison the next one's reward), and lets the zygote kill
+a stuck program without losing its warm state. Measurements in docs/benchmarks.md.
+
+Only the standard library and the sandbox's own modules are imported here: the zygote's size
+is what every fork pays for.
+"""
+import collections
+import fcntl
+import gc
+import json
+import os
+import re
+import select
+import signal
+import sys
+import tempfile
+import time
+
+from . import jail as jail_mod
+from . import kernel, seccomp
+
+PROGRAM_GLOBALS = ("math", "sympy")
+_STATUS_RE = re.compile(r"(ok|memory|error:[A-Za-z_][A-Za-z0-9_]{0,63})\Z")
+
+
+# ---- launcher ---------------------------------------------------------------------------------
+
+def main(config_json: str) -> None:
+    cfg = json.loads(config_json)
+    proto_in, proto_out = os.dup(0), os.dup(1)  # the trainer's pipes; 0/1 become /dev/null
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    namespaces = _enter_namespaces()
+    if "pid" in namespaces:
+        _fork_zygote([proto_in, proto_out])
+    Zygote(cfg, proto_in, proto_out, namespaces).serve()
+
+
+def _enter_namespaces() -> list:
+    """Try the strongest combination first; return the namespaces now in force."""
+    root = os.geteuid() == 0
+    core = [("pid", kernel.CLONE_NEWPID), ("net", kernel.CLONE_NEWNET),
+            ("ipc", kernel.CLONE_NEWIPC)]
+    attempts = [core, core[1:], core[1:2]]
+    for with_user in ([False, True] if root else [True]):
+        for names in attempts:
+            flags = sum(flag for _, flag in names) | (kernel.CLONE_NEWUSER if with_user else 0)
+            try:
+                kernel.unshare(flags)
+                if with_user:
+                    kernel.map_current_user()
+                return [name for name, _ in names] + (["user"] if with_user else [])
+            except OSError:
+                continue
+    return []
+
+
+def _fork_zygote(proto_fds) -> None:
+    """The first child after unshare(CLONE_NEWPID) is PID 1 of the new namespace. Returns in
+    that child; the launcher stays behind as a plain waiter and never returns."""
+    pid = os.fork()
+    if pid == 0:
+        kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+        return
+    for fd in proto_fds:
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        except InterruptedError:
+            continue
+
+
+# ---- zygote -----------------------------------------------------------------------------------
+
+class Running:
+    """One forked child and what the zygote knows about it."""
+    __slots__ = ("rid", "pid", "out_fd", "result_fd", "deadline", "output_bytes", "verdict")
+
+    def __init__(self, rid, pid, out_fd, result_fd, deadline):
+        self.rid, self.pid, self.out_fd, self.result_fd = rid, pid, out_fd, result_fd
+        self.deadline = deadline
+        self.output_bytes = 0
+        self.verdict = None  # "timeout" / "output_limit" once the zygote has killed it
+
+
+class Zygote:
+    def __init__(self, cfg, proto_in, proto_out, namespaces):
+        self.cfg = cfg
+        self.proto_in, self.proto_out = proto_in, proto_out
+        self.namespaces = namespaces
+        self.max_children = int(cfg["max_children"])
+        self.output_limit = int(cfg["output_limit_bytes"])
+        if "user" in namespaces:
+            kernel.drop_capabilities()  # the user namespace gave us a full set we do not need
+        self.preloaded, self.preload_errors = _preload(cfg["preload"])  # name -> module
+        _enter_empty_directory()
+        self.jail, self.jail_info = _build_jail(cfg, namespaces)
+        self.queue = collections.deque()
+        self.running = {}   # pid -> Running
+        self.by_out_fd = {}  # out fd -> Running
+        self.replies = []
+        self.inbuf = b""
+        self.forks_since_refresh = 0
+
+    # -- start-up probe
+
+    def probe(self) -> dict:
+        """Fork one child that enters the jail step by step and then tests what it can still
+        do. Steps that fail here are switched off for real programs (and reported)."""
+        out_r, out_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            report = {}
+            try:
+                import _socket  # before the jail (it may hide the stdlib); the zygote stays lean
+                self.jail.enter(out_w, res_w, 1.0, report=report)
+                report["checks"] = _self_checks(_socket)
+            except BaseException as err:
+                report["fatal"] = repr(err)
+            jail_mod._write(jail_mod.RESULT_FD, json.dumps(report).encode())
+            jail_mod._exit(0)
+        os.close(out_w)
+        os.close(res_w)
+        os.waitpid(pid, 0)
+        data = _read_available(res_r, 1 << 16)
+        os.close(res_r)
+        os.close(out_r)
+        report = json.loads(data.decode()) if data else {"fatal": "probe child died"}
+        for step in jail_mod.STEPS:
+            if not str(report.get(step, "ok")).startswith("ok"):
+                self.jail.enabled.discard(step)
+        return report
+
+    def ready_message(self, report) -> dict:
+        jail = self.jail
+        return {"ready": dict(
+            self.jail_info,
+            namespaces=self.namespaces,
+            euid=os.geteuid(),
+            sandbox_uid=jail.sandbox_uid if "drop_user" in jail.enabled else None,
+            steps={step: report.get(step, "skipped") for step in jail_mod.STEPS},
+            checks=report.get("checks", {}),
+            fatal=report.get("fatal"),
+            preloaded=sorted(self.preloaded),
+            preload_errors=self.preload_errors,
+            modules=len(sys.modules),
+            torch_loaded="torch" in sys.modules,
+            address_space_mb=jail.base_address_space >> 20,
+        )}
+
+    # -- main loop
+
+    def serve(self):
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        report = self.probe()
+        signal.set_wakeup_fd(wake_w)
+        self._send(self.ready_message(report))
+        gc.freeze()  # children never walk the zygote's objects: fewer copied pages per fork
+        self.poller = select.poll()
+        self.poller.register(self.proto_in, select.POLLIN)
+        self.poller.register(wake_r, select.POLLIN)
+        while True:
+            self._start_children()
+            for fd, _ in self.poller.poll(self._poll_timeout_ms()):
+                if fd == self.proto_in:
+                    self._read_requests()
+                elif fd == wake_r:
+                    _read_available(wake_r, 1 << 16)
+                    self._reap()
+                else:
+                    self._drain_output(self.by_out_fd.get(fd))
+            self._enforce_deadlines()
+            self._flush_replies()
+
+    def _poll_timeout_ms(self):
+        deadlines = [c.deadline for c in self.running.values() if c.verdict is None]
+        if not deadlines:
+            return None if not self.running else 50  # killed ones: SIGCHLD will wake us
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def _read_requests(self):
+        data = os.read(self.proto_in, 1 << 20)
+        if not data:
+            self._shutdown()
+        self.inbuf += data
+        *lines, self.inbuf = self.inbuf.split(b"\n")
+        for line in lines:
+            if line.strip():
+                request = json.loads(line)
+                self.queue.append((int(request["id"]), str(request["code"]),
+                                   float(request["timeout"])))
+
+    def _start_children(self):
+        while self.queue and len(self.running) < self.max_children:
+            rid, code, timeout_s = self.queue.popleft()
+            self.forks_since_refresh += 1
+            if self.forks_since_refresh >= 256:
+                self.jail.refresh_base()
+                self.forks_since_refresh = 0
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            res_r, res_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    jail_mod.child_main(self.jail, code, timeout_s, out_w, res_w, self.preloaded)
+                finally:
+                    os._exit(1)
+            os.close(out_w)
+            os.close(res_w)
+            os.set_blocking(out_r, False)
+            os.set_blocking(res_r, False)
+            child = Running(rid, pid, out_r, res_r, time.monotonic() + timeout_s)
+            self.running[pid] = child
+            self.by_out_fd[out_r] = child
+            self.poller.register(out_r, select.POLLIN)
+
+    def _drain_output(self, child):
+        """Count (and discard) what the program prints; kill it once over the cap."""
+        if child is None:
+            return
+        while True:
+            try:
+                chunk = os.read(child.out_fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.poller.unregister(child.out_fd)
+                del self.by_out_fd[child.out_fd]
+                return
+            child.output_bytes += len(chunk)
+            if child.output_bytes > self.output_limit and child.verdict is None:
+                self._kill(child, "output_limit")
+
+    def _enforce_deadlines(self):
+        now = time.monotonic()
+        for child in self.running.values():
+            if child.verdict is None and now >= child.deadline:
+                self._kill(child, "timeout")
+
+    def _kill(self, child, verdict):
+        child.verdict = verdict
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.running.pop(pid, None)
+            if child is not None:
+                self._finish(child, status)
+
+    def _finish(self, child, wait_status):
+        if child.out_fd in self.by_out_fd:
+            self._drain_output(child)
+            if child.out_fd in self.by_out_fd:
+                self.poller.unregister(child.out_fd)
+                del self.by_out_fd[child.out_fd]
+        os.close(child.out_fd)
+        raw = _read_available(child.result_fd, jail_mod.MAX_RESULT_BYTES + 1)
+        os.close(child.result_fd)
+        status, value = verdict_for(child.verdict, wait_status, raw)
+        self.replies.append({"id": child.rid, "status": status, "value": value})
+
+    def _flush_replies(self):
+        if self.replies:
+            data = "".join(json.dumps(r) + "\n" for r in self.replies).encode()
+            self.replies = []
+            self._write_all(data)
+
+    def _send(self, message):
+        self._write_all((json.dumps(message) + "\n").encode())
+
+    def _write_all(self, data):
+        try:
+            while data:
+                data = data[os.write(self.proto_out, data):]
+        except (BrokenPipeError, InterruptedError):
+            self._shutdown()
+
+    def _shutdown(self):
+        """The trainer closed our stdin (or died): stop everything and leave."""
+        for child in self.running.values():
+            self._kill(child, "killed")
+        os._exit(0)  # as PID 1 of the namespace, our exit also kills any straggler
+
+
+def verdict_for(zygote_verdict, wait_status, raw: bytes):
+    """Status and value of a finished child, from what the zygote saw and what it reported.
+    Everything read from the child is validated: only a known status and a number or a
+    short string come out."""
+    if zygote_verdict is not None:
+        return zygote_verdict, None
+    if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGXCPU:
+        return "timeout", None
+    try:
+        report = json.loads(raw.decode("utf-8")) if len(raw) <= jail_mod.MAX_RESULT_BYTES else None
+    except (ValueError, UnicodeDecodeError):
+        report = None
+    if not isinstance(report, dict):
+        return "killed", None  # died by a signal, os._exit, or garbled its report
+    status, value = report.get("status"), report.get("value")
+    if not isinstance(status, str) or not _STATUS_RE.match(status):
+        return "error:BadResult", None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
+        return "error:BadResult", None
+    if isinstance(value, int):
+        value = float(value) if abs(value) < 2 ** 1000 else None
+    if isinstance(value, str):
+        value = value[:jail_mod.MAX_VALUE_CHARS]
+    return status, value
+
+
+# ---- zygote set-up ----------------------------------------------------------------------------
+
+def _preload(names):
+    """Import modules once, so no program pays for them (and they work even where the sandbox
+    user cannot read the Python installation). Of these, the names the reference prepends as
+    `import math` / `import sympy` are bound as globals of every program."""
+    bound, errors = {}, {}
+    for name in names:
+        try:
+            module = __import__(name)
+        except Exception as err:  # e.g. sympy not installed: programs using it will fail
+            errors[name] = repr(err)
+            continue
+        if name in PROGRAM_GLOBALS:
+            bound[name] = module
+    return bound, errors
+
+
+def _enter_empty_directory():
+    """cwd = a directory that no longer exists: it lists as empty and nothing can be created
+    in it, and nothing is left behind when the worker dies."""
+    path = tempfile.mkdtemp(prefix="megatron-reft-sandbox-")
+    os.chmod(path, 0o555)
+    os.chdir(path)
+    os.rmdir(path)
+
+
+def _build_jail(cfg, namespaces):
+    """The jail and a description of what it will enforce (for the start-up log line)."""
+    root_here = os.geteuid() == 0 and "user" not in namespaces
+    info = {"seccomp_denied": 0, "seccomp_error": None, "landlock_abi": 0, "landlock_error": None}
+    seccomp_program = landlock_fd = None
+    try:
+        code, info["seccomp_denied"] = seccomp.build_filter(kernel.machine())
+        seccomp_program = kernel.SeccompProgram(code)
+    except KeyError:
+        info["seccomp_error"] = f"no syscall table for {kernel.machine()}"
+    abi = kernel.landlock_abi()
+    if not abi:
+        info["landlock_error"] = "not supported by this kernel"
+    else:
+        try:
+            fd = kernel.landlock_read_only_ruleset(abi, _readable_dirs())
+            landlock_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)  # clear of fds 0-3
+            os.close(fd)
+            info["landlock_abi"] = abi
+        except OSError as err:
+            info["landlock_error"] = str(err)
+    jail = jail_mod.Jail(
+        memory_mb=cfg["memory_mb"], sandbox_uid=cfg["sandbox_uid"] if root_here else None,
+        nice=cfg["nice"], max_open_files=cfg["max_open_files"],
+        seccomp_program=seccomp_program, landlock_fd=landlock_fd)
+    return jail, info
+
+
+def _readable_dirs():
+    """What a program may read: the Python installation (to import modules not preloaded)
+    and system libraries. Not the project, the data, home directories or /proc."""
+    import sysconfig
+    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {os.path.join(prefix, "lib") for prefix in (sys.prefix, sys.base_prefix)}
+    paths |= {"/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib"}
+    return sorted(p for p in paths if os.path.isdir(p))
+
+
+def _self_checks(_socket) -> dict:
+    """Run inside the locked-down probe child: does what we claim actually hold?"""
+    checks = {}
+
+    def attempt(name, action):
+        try:
+            action()
+            checks[name] = "ALLOWED"
+        except OSError as err:
+            checks[name] = f"denied ({type(err).__name__})"
+        except RuntimeError as err:
+            checks[name] = f"denied ({err})"
+
+    def fork():
+        if os.fork() == 0:
+            os._exit(0)
+
+    def connect():
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            sock.connect(("127.0.0.1", 9))
+        finally:
+            sock.close()
+
+    def write_tmp():
+        os.close(os.open("/tmp", os.O_TMPFILE | os.O_WRONLY, 0o600))  # leaves no file behind
+
+    attempt("fork", fork)
+    attempt("socket", lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).close())
+    attempt("connect_loopback", connect)
+    attempt("write_tmp", write_tmp)
+    attempt("read_proc", lambda: os.close(os.open("/proc/self/status", os.O_RDONLY)))
+    attempt("signal_parent", lambda: os.kill(os.getppid(), 0))
+    return checks
+
+
+def _read_available(fd, limit) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        try:
+            chunk = os.read(fd, min(1 << 16, limit - size))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
