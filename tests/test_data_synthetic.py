@@ -81,7 +81,7 @@ def test_tokenizer_is_deterministic(tmp_path):
     a = train_synthetic_tokenizer(records, str(tmp_path / "a"))
     b = train_synthetic_tokenizer(records, str(tmp_path / "b"))
     assert (tmp_path / "a/tokenizer.model").read_bytes() == (tmp_path / "b/tokenizer.model").read_bytes()
-    assert a.vocab_size == 256 and (a.eos_id, a.pad_id) == (2, 3)
+    assert a.vocab_size == 384 and (a.eos_id, a.pad_id) == (2, 3)
 
 
 def test_tokenizer_roundtrip_digits_and_lengths(tokenizer):

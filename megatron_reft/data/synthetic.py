@@ -192,7 +192,7 @@ def tokenizer_training_texts(records: list[Record]) -> list[str]:
     A fixed sample of every difficulty level is added, so one tokenizer covers every phrase
     template whatever level the given records were drawn at (still a pure function of records).
     """
-    coverage = [record for level in sorted(LEVELS) for record in make_synthetic_records(100, 12345, level)]
+    coverage = [record for level in sorted(LEVELS) for record in make_synthetic_records(300, 12345, level)]
     texts = [INSTRUCTION + COT_TRIGGER + ANSWER_TRIGGER]
     for record in list(records) + coverage:
         texts.append(build_prompt(record.question))
@@ -208,7 +208,7 @@ def tokenizer_training_texts(records: list[Record]) -> list[str]:
     return texts
 
 
-def train_synthetic_tokenizer(records: list[Record], out_dir: str, vocab_size: int = 256) -> Tokenizer:
+def train_synthetic_tokenizer(records: list[Record], out_dir: str, vocab_size: int = 384) -> Tokenizer:
     """A small SentencePiece model trained on the task text; deterministic for the same records.
 
     Digits are single pieces (split_digits) so numbers are spelled digit by digit, which a tiny
