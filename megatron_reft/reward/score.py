@@ -131,6 +131,11 @@ class RewardScorer:
             self._pool = SandboxPool(self.config.sandbox_config())
         return self._pool
 
+    @property
+    def isolation_summary(self) -> str | None:
+        """The sandbox's one-line description of the isolation in force (None before start)."""
+        return self._pool.isolation_summary if self._pool is not None else None
+
     def close(self):
         if self._executor is not None:
             self._executor.shutdown(wait=True)

@@ -21,7 +21,7 @@ from . import kernel
 
 RESULT_FD = 3            # where the child writes its one JSON result line
 MAX_RESULT_BYTES = 4096  # the zygote reads at most this much from RESULT_FD
-MAX_VALUE_CHARS = 200    # string answers are cut to this; answers are numbers or letters
+MAX_VALUE_CHARS = 200    # longer string answers count as no answer
 
 STEPS = ("session", "oom_score_adj", "nice", "rlimits", "drop_user", "no_new_privs",
          "landlock", "seccomp")
@@ -96,7 +96,7 @@ class Jail:
             os.close(fd)
 
     def _nice(self, timeout_s):
-        os.nice(self.nice)  # a spinning program yields to the trainer and the zygote
+        os.setpriority(os.PRIO_PROCESS, 0, self.nice)  # spinning programs yield to the trainer
 
     def _rlimits(self, timeout_s):
         cpu = int(math.ceil(timeout_s)) + 1  # SIGXCPU backstop, the zygote's kill comes first
@@ -164,15 +164,22 @@ def to_plain(value):
     if value is None:
         return None
     if kind is str:
-        return value[:MAX_VALUE_CHARS]
+        return _short(value)
     if kind in (bool, int, float):
         return float(value)
     try:
         number = float(value)  # sympy, numpy, Fraction, Decimal, ...
         return float.__float__(number) if isinstance(number, float) else None
     except (TypeError, ValueError, OverflowError):
-        text = str(value)
-        return text[:MAX_VALUE_CHARS] if isinstance(text, str) else None
+        return _short(str(value))
+
+
+def _short(text):
+    """Answers are numbers or letters: longer text is no answer (cutting it could turn 300
+    digits into a different number)."""
+    if not isinstance(text, str) or len(text) > MAX_VALUE_CHARS:
+        return None
+    return str.__str__(text)
 
 
 def _safe_type_name(err) -> str:

@@ -25,6 +25,7 @@ CLONE_NEWNET = 0x40000000
 
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
@@ -66,6 +67,11 @@ def map_current_user() -> None:
 def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+
+
+def prctl_get(option: int) -> int:
+    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
 
 
 class _CapHeader(ctypes.Structure):

@@ -64,7 +64,7 @@ class SandboxConfig:
     nice: int = 10
     max_open_files: int = 64
     max_program_chars: int = 100_000
-    grace_s: float = 2.0              # backstop beyond timeout_s before a worker is presumed stuck
+    grace_s: float = 3.0              # backstop beyond timeout_s before a worker is presumed stuck
     startup_timeout_s: float = 60.0
     require_isolation: bool = False   # refuse to start unless every mechanism is in force
 
@@ -93,10 +93,11 @@ class ProgramResult:
 class _Worker:
     """One worker process and the requests it owes answers for."""
 
-    def __init__(self, group: str, config: SandboxConfig):
+    def __init__(self, group: str, config: SandboxConfig, pool_tag: str):
         self.group = group
         preload = config.preload + (config.heavy_modules if group == "heavy" else ())
-        worker_cfg = {"max_children": config.children_per_worker, "preload": list(preload),
+        worker_cfg = {"pool": pool_tag, "max_children": config.children_per_worker,
+                      "preload": list(preload),
                       "output_limit_bytes": config.output_limit_bytes,
                       "memory_mb": config.memory_mb, "sandbox_uid": config.sandbox_uid,
                       "nice": config.nice, "max_open_files": config.max_open_files}
@@ -136,6 +137,7 @@ class SandboxPool:
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
         self._owner_pid = os.getpid()
+        self.tag = f"{os.getpid()}-{id(self):x}"  # on the workers' command lines, to find them
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._workers: list[_Worker] = []
@@ -181,7 +183,9 @@ class SandboxPool:
                     worker.proc.stdin.close()  # EOF: the zygote kills its children and exits
                 except OSError:
                     pass
-            deadline = time.monotonic() + 1.0
+            # The zygote kills its programs and exits; as PID 1 its exit waits for its pid
+            # namespace to empty, then the launcher exits. Normally milliseconds.
+            deadline = time.monotonic() + 5.0
             for worker in self._workers:
                 try:
                     worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -200,7 +204,7 @@ class SandboxPool:
     # ---- workers
 
     def _start_worker(self, group: str) -> _Worker:
-        worker = _Worker(group, self.config)
+        worker = _Worker(group, self.config, self.tag)
         self._workers.append(worker)
         self._selector.register(worker.out_fd, selectors.EVENT_READ, worker)
         return worker
