@@ -141,7 +141,7 @@ def hostile_programs(port: int) -> dict:
                 def __float__(self):
                     return "not a float"
                 def __str__(self):
-                    return "4" * 10 ** 8
+                    return "4" * 10 ** 7
             return X()"""),
         "huge_int": program("return 10 ** 5000"),
         "read_dataset": program(f"return len(open({str(DATA_FILE)!r}).read()) * 0 + 42"),

@@ -1,11 +1,13 @@
 """What happens inside one forked child: lock it down, run the program, report a plain value.
 
-The zygote (worker.py) prepares everything expensive once - the seccomp program, the landlock
-ruleset, the preloaded modules - so after each fork the child only makes a few dozen cheap
-syscalls before running untrusted code. Order matters:
+The zygote (worker.py) prepares everything expensive once - the seccomp programs, the
+landlock ruleset, the preloaded modules - and applies what it can to itself (most of the
+seccomp denylist, oom_score_adj, zero rlimits for file size, core dumps, locked memory), so
+after each fork the child only makes a few dozen cheap syscalls before running untrusted code.
+Order matters:
 
-  session + fds -> oom_score_adj, nice (need root / writable /proc) -> rlimits -> drop to the
-  sandbox user -> no_new_privs, not dumpable, parent-death signal -> landlock -> seccomp
+  session + fds -> nice -> rlimits -> drop to the sandbox user -> no_new_privs, not dumpable,
+  parent-death signal -> landlock -> seccomp (process creation and signals)
 
 Steps that failed in the start-up probe are skipped (and reported once by the pool); a step
 that worked in the probe and fails later aborts the child before the program runs (fail closed).
@@ -23,8 +25,7 @@ RESULT_FD = 3            # where the child writes its one JSON result line
 MAX_RESULT_BYTES = 4096  # the zygote reads at most this much from RESULT_FD
 MAX_VALUE_CHARS = 200    # longer string answers count as no answer
 
-STEPS = ("session", "oom_score_adj", "nice", "rlimits", "drop_user", "no_new_privs",
-         "landlock", "seccomp")
+STEPS = ("session", "nice", "rlimits", "drop_user", "no_new_privs", "landlock", "seccomp")
 
 # Captured at import so a program that rebinds os.write or json.dumps cannot break reporting
 # of *other* programs (each child is a fresh fork of the untouched zygote anyway).
@@ -39,8 +40,9 @@ class Jail:
     """Everything a child needs to lock itself down, prepared in the zygote."""
 
     def __init__(self, memory_mb: int, sandbox_uid, nice: int, max_open_files: int,
-                 seccomp_program=None, landlock_fd=None):
+                 devnull_fd: int, seccomp_program=None, landlock_fd=None):
         self.memory_bytes = int(memory_mb) << 20
+        self.devnull_fd = devnull_fd
         self.sandbox_uid = sandbox_uid    # None: keep the current uid (non-root trainers)
         self.nice = nice
         self.max_open_files = max_open_files
@@ -72,8 +74,7 @@ class Jail:
     def _fds(self, out_fd, result_fd):
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
+        os.dup2(self.devnull_fd, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.dup2(result_fd, RESULT_FD)
@@ -87,31 +88,16 @@ class Jail:
     def _session(self, timeout_s):
         os.setsid()  # no controlling terminal: /dev/tty and terminal ioctls are out of reach
 
-    def _oom_score_adj(self, timeout_s):
-        # If the node runs out of memory, the kernel kills sandboxed programs before the trainer.
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        try:
-            os.write(fd, b"1000")
-        finally:
-            os.close(fd)
-
     def _nice(self, timeout_s):
         os.setpriority(os.PRIO_PROCESS, 0, self.nice)  # spinning programs yield to the trainer
 
     def _rlimits(self, timeout_s):
+        # FSIZE, CORE, MEMLOCK and MSGQUEUE are 0 already, inherited from the zygote
         cpu = int(math.ceil(timeout_s)) + 1  # SIGXCPU backstop, the zygote's kill comes first
-        limits = {
-            resource.RLIMIT_CPU: (cpu, cpu + 1),
-            resource.RLIMIT_AS: (self.base_address_space + self.memory_bytes,) * 2,
-            resource.RLIMIT_FSIZE: (0, 0),
-            resource.RLIMIT_NPROC: (0, 0),
-            resource.RLIMIT_NOFILE: (self.max_open_files,) * 2,
-            resource.RLIMIT_CORE: (0, 0),
-            resource.RLIMIT_MEMLOCK: (0, 0),
-            resource.RLIMIT_MSGQUEUE: (0, 0),
-        }
-        for which, value in limits.items():
-            resource.setrlimit(which, value)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (self.base_address_space + self.memory_bytes,) * 2)
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no processes, no threads
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files,) * 2)
 
     def _drop_user(self, timeout_s):
         if self.sandbox_uid is None:

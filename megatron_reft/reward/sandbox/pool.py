@@ -439,7 +439,7 @@ def describe_isolation(report: dict) -> tuple[str, list[str]]:
         if ns not in namespaces:
             missing.append(f"{ns} namespace")
     if report.get("seccomp_denied") and ok("seccomp"):
-        in_force.append(f"seccomp ({report['seccomp_denied']} syscalls denied)")
+        in_force.append(f"seccomp ({report['seccomp_denied']} syscalls denied, writes refused)")
     else:
         missing.append("seccomp")
     if report.get("landlock_abi") and ok("landlock"):

@@ -21,7 +21,6 @@ Only the standard library and the sandbox's own modules are imported here: the z
 is what every fork pays for.
 """
 import collections
-import fcntl
 import gc
 import json
 import os
@@ -29,13 +28,12 @@ import re
 import select
 import signal
 import sys
-import tempfile
 import time
 
 from . import jail as jail_mod
-from . import kernel, seccomp
+from . import kernel
+from . import prepare
 
-PROGRAM_GLOBALS = ("math", "sympy")
 _STATUS_RE = re.compile(r"(ok|memory|error:[A-Za-z_][A-Za-z0-9_]{0,63})\Z")
 
 
@@ -116,9 +114,10 @@ class Zygote:
             os.setpriority(os.PRIO_PROCESS, 0, -5)
         except OSError:
             pass
-        self.preloaded, self.preload_errors = _preload(cfg["preload"])  # globals for programs
-        _enter_empty_directory()
-        self.jail, self.jail_info = _build_jail(cfg, namespaces)
+        self.preloaded, self.preload_errors = prepare.preload(cfg["preload"])  # globals for programs
+        prepare.enter_empty_directory()
+        self.jail, zygote_program, self.jail_info = prepare.build_jail(cfg, namespaces)
+        prepare.restrict_zygote(self.jail, zygote_program, self.jail_info)
         self.queue = collections.deque()
         self.running = {}   # pid -> Running
         self.by_out_fd = {}  # out fd -> Running
@@ -139,7 +138,7 @@ class Zygote:
             try:
                 import _socket  # before the jail (it may hide the stdlib); the zygote stays lean
                 self.jail.enter(out_w, res_w, 1.0, report=report)
-                report["checks"] = _self_checks(_socket)
+                report["checks"] = prepare.self_checks(_socket)
             except BaseException as err:
                 report["fatal"] = repr(err)
             jail_mod._write(jail_mod.RESULT_FD, json.dumps(report).encode())
@@ -179,7 +178,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         report = self.probe()
-        _warm_up(self.preloaded)
+        prepare.warm_up(self.preloaded)
         signal.set_wakeup_fd(wake_w)
         self._send(self.ready_message(report))
         gc.freeze()  # children never walk the zygote's objects: fewer copied pages per fork
@@ -342,130 +341,6 @@ def verdict_for(zygote_verdict, wait_status, raw: bytes):
     if isinstance(value, str):
         value = value[:jail_mod.MAX_VALUE_CHARS]
     return status, value
-
-
-# ---- zygote set-up ----------------------------------------------------------------------------
-
-def _preload(names):
-    """Import modules once, so no program pays for them (and they work even where the sandbox
-    user cannot read the Python installation). Of these, the names the reference prepends as
-    `import math` / `import sympy` are bound as globals of every program."""
-    bound, errors = {}, {}
-    for name in names:
-        try:
-            module = __import__(name)
-        except Exception as err:  # e.g. sympy not installed: programs using it will fail
-            errors[name] = repr(err)
-            continue
-        if name in PROGRAM_GLOBALS:
-            bound[name] = module
-    return bound, errors
-
-
-_WARM_UP_PROGRAM = '''def solution():
-    """Tom has 3 boxes of 12.5 apples; he eats 1/4 of them. How many are left?"""
-    boxes = 3
-    apples_per_box = 12.5
-    total = boxes * apples_per_box
-    eaten = total * 1 / 4
-    remaining = [total - eaten for _ in range(2)][0]
-    result = round(math.floor(remaining) + int("0") + max(0, -1), 2)
-    return result
-'''
-
-
-def _warm_up(preloaded):
-    """Run the child's code path a few times in the zygote (our own program, not untrusted
-    code), so the interpreter's compile/exec paths and allocator pools are mapped before any
-    fork: measured ~4x less CPU per child (fewer page faults for each child to take)."""
-    for _ in range(20):
-        status, value = jail_mod.run_program(_WARM_UP_PROGRAM, preloaded)
-        jail_mod.encode_result(status, value)
-        jail_mod.encode_result("error:ZeroDivisionError", "x")
-        kernel.prctl_get(kernel.PR_GET_DUMPABLE)
-
-
-def _enter_empty_directory():
-    """cwd = a directory that no longer exists: it lists as empty and nothing can be created
-    in it, and nothing is left behind when the worker dies."""
-    path = tempfile.mkdtemp(prefix="megatron-reft-sandbox-")
-    os.chmod(path, 0o555)
-    os.chdir(path)
-    os.rmdir(path)
-
-
-def _build_jail(cfg, namespaces):
-    """The jail and a description of what it will enforce (for the start-up log line)."""
-    root_here = os.geteuid() == 0 and "user" not in namespaces
-    info = {"seccomp_denied": 0, "seccomp_error": None, "landlock_abi": 0, "landlock_error": None}
-    seccomp_program = landlock_fd = None
-    try:
-        code, info["seccomp_denied"] = seccomp.build_filter(kernel.machine())
-        seccomp_program = kernel.SeccompProgram(code)
-    except KeyError:
-        info["seccomp_error"] = f"no syscall table for {kernel.machine()}"
-    abi = kernel.landlock_abi()
-    if not abi:
-        info["landlock_error"] = "not supported by this kernel"
-    else:
-        try:
-            fd = kernel.landlock_read_only_ruleset(abi, _readable_dirs())
-            landlock_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)  # clear of fds 0-3
-            os.close(fd)
-            info["landlock_abi"] = abi
-        except OSError as err:
-            info["landlock_error"] = str(err)
-    jail = jail_mod.Jail(
-        memory_mb=cfg["memory_mb"], sandbox_uid=cfg["sandbox_uid"] if root_here else None,
-        nice=cfg["nice"], max_open_files=cfg["max_open_files"],
-        seccomp_program=seccomp_program, landlock_fd=landlock_fd)
-    return jail, info
-
-
-def _readable_dirs():
-    """What a program may read: the Python installation (to import modules not preloaded)
-    and system libraries. Not the project, the data, home directories or /proc."""
-    import sysconfig
-    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    paths |= {os.path.join(prefix, "lib") for prefix in (sys.prefix, sys.base_prefix)}
-    paths |= {"/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib"}
-    return sorted(p for p in paths if os.path.isdir(p))
-
-
-def _self_checks(_socket) -> dict:
-    """Run inside the locked-down probe child: does what we claim actually hold?"""
-    checks = {}
-
-    def attempt(name, action):
-        try:
-            action()
-            checks[name] = "ALLOWED"
-        except OSError as err:
-            checks[name] = f"denied ({type(err).__name__})"
-        except RuntimeError as err:
-            checks[name] = f"denied ({err})"
-
-    def fork():
-        if os.fork() == 0:
-            os._exit(0)
-
-    def connect():
-        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-        try:
-            sock.connect(("127.0.0.1", 9))
-        finally:
-            sock.close()
-
-    def write_tmp():
-        os.close(os.open("/tmp", os.O_TMPFILE | os.O_WRONLY, 0o600))  # leaves no file behind
-
-    attempt("fork", fork)
-    attempt("socket", lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).close())
-    attempt("connect_loopback", connect)
-    attempt("write_tmp", write_tmp)
-    attempt("read_proc", lambda: os.close(os.open("/proc/self/status", os.O_RDONLY)))
-    attempt("signal_parent", lambda: os.kill(os.getppid(), 0))
-    return checks
 
 
 def _read_available(fd, limit) -> bytes:
