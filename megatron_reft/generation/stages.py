@@ -1,0 +1,72 @@
+"""One generation forward step of this rank's model chunk, and token agreement across ranks.
+
+Generation runs the pipeline stages one after the other for each step (stage i receives the
+hidden states of stage i-1, runs its layers, sends them on); the last stage turns the last
+position's hidden state into full-vocabulary logits. Only ONE rank samples — TP rank 0 of the
+last stage — and broadcasts the tokens to the whole model-parallel group (TP × PP), so every
+rank continues with the same tokens by construction, not by hoping that identically seeded
+generators on different ranks see bit-identical logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class StageRunner:
+    def __init__(self, gpt, true_vocab: int):
+        from megatron.core import parallel_state as ps
+
+        self.gpt = gpt
+        self.true_vocab = true_vocab
+        self.is_first = ps.is_pipeline_first_stage()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        if self.pp_size > 1:
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+        self.mp_group = ps.get_model_parallel_group()
+        self.mp_size = dist.get_world_size(self.mp_group)
+        self.is_sampler = self.is_last and ps.get_tensor_model_parallel_rank() == 0
+        self.device = next(gpt.parameters()).device
+        self.sampler_rank = self._find_sampler_rank()
+
+    def _find_sampler_rank(self) -> int:
+        """Global rank of this model-parallel group's sampler (one collective, once per call)."""
+        if self.mp_size == 1:
+            return dist.get_rank()
+        mine = torch.tensor([dist.get_rank() if self.is_sampler else -1], device=self.device)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.mp_group)
+        return int(mine.item())
+
+    def last_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask, context) -> torch.Tensor | None:
+        """Run this stage on tokens [b, s]; on the last stage return the last position's
+        logits [b, true_vocab] in fp32, elsewhere None (after passing the activations on)."""
+        batch, seq = tokens.shape
+        if not self.is_first:
+            self.gpt.set_input_tensor(self._receive(seq, batch))
+        hidden = self.gpt(tokens if self.is_first else None, positions, mask,
+                          inference_context=context, return_hidden=True)
+        if not self.is_last:
+            dist.send(hidden.contiguous(), dst=self.next_rank, group=self.pp_group)
+            return None
+        last = hidden[-1:]  # [1, b, h]: the position that predicts the next token
+        logits, _ = self.gpt.output_layer(last, weight=self.gpt.output_weight(),
+                                          runtime_gather_output=True)
+        # The vocabulary is padded for TP divisibility: padded ids must never be sampled.
+        return logits[0, :, :self.true_vocab].float()
+
+    def _receive(self, seq: int, batch: int) -> torch.Tensor:
+        config = self.gpt.config
+        buf = torch.empty(seq, batch, config.hidden_size, dtype=config.params_dtype, device=self.device)
+        dist.recv(buf, src=self.prev_rank, group=self.pp_group)
+        return buf
+
+    def share(self, tokens: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The sampler's tokens [batch] on every rank of the model-parallel group."""
+        if self.mp_size == 1:
+            return tokens
+        buf = tokens.contiguous() if self.is_sampler else torch.empty(batch, dtype=torch.long, device=self.device)
+        dist.broadcast(buf, src=self.sampler_rank, group=self.mp_group)
+        return buf

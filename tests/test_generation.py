@@ -1,0 +1,298 @@
+"""Rollout engine (megatron_reft/generation): KV-cached generation against no-cache recomputation
+and a naive one-prompt-at-a-time argmax loop, under TP=2, PP=2 and TP=2×PP=2; batching, EOS,
+length limits, padded vocabulary, top-k/top-p, seeded sampling.
+
+Megatron runs in spawned processes (tests/dist_utils.py): its parallel state and the CPU
+compatibility layer are process-global. Each worker returns plain token lists; the assertions
+run here. Tiny models with vocab_size=500, padded to 512 (the padding is sampled if it leaks).
+"""
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_reft.generation.sampling import SamplingParams, next_tokens, top_k_filter, top_p_filter
+from megatron_reft.generation.generate import response_limits
+
+VOCAB = 500
+PROMPT_LENGTHS = (5, 9, 1, 12, 3)
+NEW = 10
+
+
+def _model_config(family):
+    from megatron_reft.models.families import model_config_from_preset
+
+    # init_std 0.2: peaked logits, so greedy choices are not decided by rounding noise
+    # (the TP/PP runs are compared with a single-process reference).
+    return model_config_from_preset(f"tiny-{family}", vocab_size=VOCAB, init_std=0.2)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def _engine(family):
+    from megatron_reft.engine import Engine
+
+    engine = Engine(_model_config(family))
+    engine.init_from_scratch(seed=7)
+    return engine
+
+
+def _naive_greedy(engine, prompt, new_tokens):
+    """Reference: one prompt, whole sequence recomputed each step, argmax over the true vocab."""
+    from megatron_reft.engine import causal_mask
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            x = torch.tensor([ids])
+            logits = engine.gpt(x, torch.arange(x.shape[1])[None], causal_mask(x.shape[1]))
+            ids.append(int(logits[0, -1, :VOCAB].argmax()))
+    return ids[len(prompt):]
+
+
+def _generate_suite(engine, eos_id=VOCAB - 1):
+    """The same calls on every layout: greedy with/without cache, sampled, reproducibility."""
+    from megatron_reft.generation import generate
+
+    prompts = _prompts()
+    greedy = SamplingParams(max_new_tokens=NEW, greedy=True)
+    sample = SamplingParams(max_new_tokens=NEW)
+    run = lambda params, **kw: generate(engine, prompts, eos_id, params, **kw)
+    return {
+        "cache": run(greedy).tokens,
+        "no_cache": run(greedy, use_cache=False).tokens,
+        "sampled": run(sample, seed=11).tokens,
+        "sampled_again": run(sample, seed=11).tokens,
+        "sampled_no_cache": run(sample, seed=11, use_cache=False).tokens,
+        "sampled_other_seed": run(sample, seed=12).tokens,
+    }
+
+
+# ---------------------------------------------------------------- workers (spawned processes)
+def _single_process_worker(rank, world_size):
+    from megatron_reft.distributed import init as dinit
+    from megatron_reft.generation import generate
+
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend (2 cores, several ranks)
+    dinit.initialize(1, 1, seed=1)
+    results = {}
+    for family in ("llama", "opt"):
+        engine = _engine(family)
+        prompts = _prompts()
+        r = _generate_suite(engine)
+        r["naive"] = [_naive_greedy(engine, p, NEW) for p in prompts]
+        greedy = SamplingParams(max_new_tokens=NEW, greedy=True)
+        r["alone"] = [generate(engine, [p], VOCAB - 1, greedy).tokens[0] for p in prompts]
+        r["top_k_1"] = generate(engine, prompts, VOCAB - 1, SamplingParams(max_new_tokens=NEW, top_k=1), seed=5).tokens
+        r["top_p_tiny"] = generate(engine, prompts, VOCAB - 1,
+                                   SamplingParams(max_new_tokens=NEW, top_p=1e-6), seed=5).tokens
+        r["eos"] = _eos_runs(engine, prompts, r["cache"])
+        r["limits"] = _limit_runs(engine)
+        r["training_flag_kept"] = engine.gpt.training
+        results[family] = r
+    results["padded_vocab"] = _padded_vocab_runs()
+    dinit.shutdown()
+    return results
+
+
+def _eos_runs(engine, prompts, unstopped):
+    """EOS = the 3rd greedy token of prompt 1; greedy with stopping (cache and no cache)."""
+    from megatron_reft.generation import generate
+
+    eos = unstopped[1][2]
+    params = SamplingParams(max_new_tokens=NEW, greedy=True)
+    out = {"eos": eos}
+    for use_cache in (True, False):
+        o = generate(engine, prompts, eos, params, use_cache=use_cache)
+        out[use_cache] = (o.tokens, o.finished, o.num_generated_tokens)
+    ignored = generate(engine, prompts, eos, SamplingParams(max_new_tokens=NEW, greedy=True, ignore_eos=True))
+    out["ignore_eos"] = (ignored.tokens, ignored.finished)
+    return out
+
+
+def _limit_runs(engine):
+    """Prompts near max_total_length: prompt + response must stay ≤ it."""
+    from megatron_reft.generation import generate
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 14, 19)]
+    params = SamplingParams(max_new_tokens=15, max_total_length=20, ignore_eos=True)
+    out = generate(engine, prompts, VOCAB - 1, params, seed=0)
+    return {"prompt_lengths": [len(p) for p in prompts], "tokens": out.tokens, "finished": out.finished,
+            "num": out.num_generated_tokens}
+
+
+def _padded_vocab_runs():
+    """OPT (tied embeddings, final LayerNorm with bias) rigged so that the PADDED vocabulary rows
+    win every argmax by far: generation must still only produce real tokens."""
+    from megatron_reft.engine import causal_mask
+    from megatron_reft.generation import generate
+
+    engine = _engine("opt")
+    gpt = engine.gpt
+    with torch.no_grad():
+        gpt.decoder.final_layernorm.bias[0] = 50.0
+        gpt.embedding.word_embeddings.weight[VOCAB:, 0] = 50.0
+        x = torch.tensor([_prompts()[0]])
+        full_logits = gpt(x, torch.arange(x.shape[1])[None], causal_mask(x.shape[1]))
+    prompts = _prompts()
+    return {
+        "padded_size": gpt.embedding.word_embeddings.weight.shape[0],
+        "unmasked_argmax": int(full_logits[0, -1].argmax()),
+        "greedy": generate(engine, prompts, 0, SamplingParams(max_new_tokens=NEW, greedy=True)).tokens,
+        "sampled": generate(engine, prompts, 0, SamplingParams(max_new_tokens=NEW), seed=3).tokens,
+    }
+
+
+def _parallel_worker(rank, world_size, tp, pp, family):
+    from megatron.core import parallel_state as ps
+    from megatron_reft.distributed import init as dinit
+
+    torch.set_num_threads(1)
+    dinit.initialize(tp, pp, seed=1)
+    result = _generate_suite(_engine(family))
+    result["tp_rank"] = ps.get_tensor_model_parallel_rank()
+    result["pp_rank"] = ps.get_pipeline_model_parallel_rank()
+    dinit.shutdown()
+    return result
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def single():
+    return run_distributed(_single_process_worker, 1, init_process_group=False, timeout_s=240)[0]
+
+
+@pytest.fixture(scope="module", params=[(2, 1, "llama"), (1, 2, "opt"), (2, 2, "llama")],
+                ids=["tp2-llama", "pp2-opt", "tp2pp2-llama"])
+def parallel(request):
+    tp, pp, family = request.param
+    ranks = run_distributed(_parallel_worker, tp * pp, tp, pp, family, init_process_group=False,
+                            timeout_s=240)
+    return family, tp, pp, ranks
+
+
+# ---------------------------------------------------------------- single process
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_kv_cache_greedy_equals_recomputation_and_naive_loop(single, family):
+    r = single[family]
+    assert [len(t) for t in r["cache"]] == [NEW] * len(PROMPT_LENGTHS)
+    assert r["cache"] == r["no_cache"]
+    assert r["cache"] == r["naive"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(single, family):
+    assert single[family]["cache"] == single[family]["alone"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_top_k_1_and_tiny_top_p_equal_greedy(single, family):
+    r = single[family]
+    assert r["top_k_1"] == r["cache"]
+    assert r["top_p_tiny"] == r["cache"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_seeded_sampling_is_reproducible(single, family):
+    r = single[family]
+    assert r["sampled"] == r["sampled_again"] == r["sampled_no_cache"]
+    assert r["sampled"] != r["sampled_other_seed"]
+    assert r["sampled"] != r["cache"]  # T=1 sampling is not greedy
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_stops_each_sequence_at_its_first_eos(single, family):
+    r = single[family]["eos"]
+    eos, (unstopped, _) = r["eos"], r["ignore_eos"]
+    assert unstopped == single[family]["cache"]  # ignore_eos: nothing stops
+    expected = [seq[:seq.index(eos) + 1] if eos in seq else seq for seq in unstopped]
+    expected_finished = [eos in seq for seq in unstopped]
+    assert any(expected_finished) and not all(expected_finished), "test needs a mix"
+    for use_cache in (True, False):
+        tokens, finished, count = r[use_cache]
+        assert tokens == expected
+        assert finished == expected_finished
+        assert count == sum(map(len, expected))
+    assert not any(r["ignore_eos"][1])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_length_limits(single, family):
+    r = single[family]["limits"]
+    expected = [min(15, 20 - n) for n in r["prompt_lengths"]]  # [15, 11, 6, 1]
+    assert [len(t) for t in r["tokens"]] == expected
+    assert all(n + len(t) <= 20 for n, t in zip(r["prompt_lengths"], r["tokens"]))
+    assert r["finished"] == [False] * 4 and r["num"] == sum(expected)
+
+
+def test_padded_vocabulary_is_never_sampled(single):
+    r = single["padded_vocab"]
+    assert r["padded_size"] > VOCAB
+    assert r["unmasked_argmax"] >= VOCAB, "rigging failed: padding would not be tempting"
+    for key in ("greedy", "sampled"):
+        assert all(0 <= t < VOCAB for seq in r[key] for t in seq)
+
+
+def test_engine_training_mode_is_restored(single):
+    assert single["llama"]["training_flag_kept"] is True
+
+
+# ---------------------------------------------------------------- TP / PP
+def test_parallel_generation_matches_single_process_and_agrees_across_ranks(single, parallel):
+    family, tp, pp, ranks = parallel
+    assert sorted((r["tp_rank"], r["pp_rank"]) for r in ranks) == [(t, p) for t in range(tp) for p in range(pp)]
+    reference = single[family]
+    for r in ranks:
+        # every rank (all TP and PP ranks) returns the same tokens
+        for key in ("cache", "no_cache", "sampled", "sampled_again", "sampled_no_cache"):
+            assert r[key] == ranks[0][key], (key, r["tp_rank"], r["pp_rank"])
+        assert r["cache"] == r["no_cache"]
+        assert r["sampled"] == r["sampled_again"] == r["sampled_no_cache"]
+        assert r["cache"] == reference["naive"]
+        assert all(t < VOCAB for seq in r["sampled"] for t in seq)
+
+
+# ---------------------------------------------------------------- pure functions
+def test_top_k_filter_keeps_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    kept = top_k_filter(logits, 2).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False]]
+    assert top_k_filter(logits, 0).isfinite().all()
+
+
+def test_top_p_filter_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    assert top_p_filter(logits, 0.5).isfinite().tolist() == [[True, False, False, False]]
+    assert top_p_filter(logits, 0.79).isfinite().tolist() == [[True, False, True, False]]
+    assert top_p_filter(logits, 0.81).isfinite().tolist() == [[True, False, True, True]]
+    assert top_p_filter(logits, 1.0).isfinite().all()
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(next_tokens(logits, SamplingParams(top_k=2), g), minlength=4).float()
+    expected = torch.tensor([1.0, torch.e ** -1, 0, 0])
+    assert torch.allclose(counts / counts.sum(), expected / expected.sum(), atol=0.02)
+    hot = next_tokens(logits, SamplingParams(temperature=0.05), g)
+    assert (hot == 0).all()
+
+
+def test_response_limits_and_prompt_checks():
+    params = SamplingParams(max_new_tokens=400, max_total_length=700, max_prompt_length=300)
+    assert response_limits([[1] * 10, [1] * 300], params) == [400, 400]
+    assert response_limits([[1] * 299], SamplingParams(max_new_tokens=500)) == [401]
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        response_limits([[1] * 301], params)
+    with pytest.raises(ValueError, match="no room"):
+        response_limits([[1] * 700], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        response_limits([[]], SamplingParams())
+    with pytest.raises(ValueError, match="learned positions"):
+        response_limits([[1] * 10], SamplingParams(max_new_tokens=100), max_positions=50)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0.0)
