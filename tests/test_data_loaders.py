@@ -168,3 +168,14 @@ def test_split_gsm8k_solution_and_parsers():
     assert parse_hf_spec("hf:openai/gsm8k@main:test") == ("openai/gsm8k", "main", "test")
     assert parse_hf_spec("hf:/data/x.jsonl") == ("/data/x.jsonl", None, None)
     assert parse_choices("q\n['a ) 12', 'b ) 1 / 8 ohms', 'c ) c ) 5']") == {"a": "12", "b": "1 / 8 ohms", "c": "5"}
+
+
+def test_broken_json_list_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+        load_records(write(tmp_path, "broken.json", '[{"item_id": "svamp_0", '))
+
+
+def test_hf_with_forced_schema(tmp_path):
+    path = write(tmp_path, "g.jsonl", json.dumps({"question": "q", "answer": "x\n#### 3"}))
+    records, report = load_records("hf:" + path, fmt="gsm8k")
+    assert records[0].answer == "3" and report.fmt.startswith("gsm8k (hf datasets")

@@ -36,8 +36,10 @@ def _read_json_rows(path: str) -> tuple[str, list]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
-        return "json list", rows
+        try:
+            return "json list", json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
     rows = []
     for line in text.splitlines():
         if not line.strip():
@@ -181,8 +183,8 @@ def load_records(path: str, cot_type: str = "ncot", fmt: str = "auto", on_malfor
                  require_cot: bool = True) -> tuple[list[Record], LoadReport]:
     """Load one file (or hf: dataset) into Records; malformed rows are counted or raise.
 
-    fmt: "auto" (schema from the first row's fields), "mwp_reft", "gsm8k", "jsonl", or "hf"
-    (path is then a datasets name or path; "hf:..." paths select it automatically).
+    fmt: "auto" (schema from the first row's fields), "mwp_reft", "gsm8k" or "jsonl"; "hf" reads
+    path through `datasets` ("hf:..." paths do so anyway) and then detects the schema.
     on_malformed: "report" skips bad records, counts them by reason in the LoadReport and logs a
     warning; "raise" raises MalformedRecordError (a ValueError) naming file, record index, reason.
     require_cot: SFT needs a CoT of the given cot_type; RL and evaluation do not (False).
@@ -191,10 +193,9 @@ def load_records(path: str, cot_type: str = "ncot", fmt: str = "auto", on_malfor
     check_policy(on_malformed)
     if fmt == "hf" or path.startswith("hf:"):
         container, rows = _read_hf_rows(path)
-        fmt = "auto"
     else:
         container, rows = _read_json_rows(path)
-    schema = fmt if fmt != "auto" else _first_schema(rows, path)
+    schema = fmt if fmt not in ("auto", "hf") else _first_schema(rows, path)
     if schema not in SCHEMAS:
         raise ValueError(f"fmt must be 'auto', 'hf' or one of {SCHEMAS}, got {fmt!r}")
     if schema == "gsm8k" and cot_type == "pcot" and require_cot:
