@@ -48,7 +48,7 @@ class DataSection:
     synthetic_eval_items: int = 200
     synthetic_difficulty: int = 2
     synthetic_seed: int = 0
-    synthetic_vocab_size: int = 256
+    synthetic_vocab_size: int = 384
 
 
 @dataclass
@@ -58,6 +58,12 @@ class ParallelSection:
     use_distributed_optimizer: bool = False
     sequence_parallel: bool = False
     timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
+    # Memory plan (megatron_reft/planning.py): GiB per GPU; when set, validation refuses a layout
+    # whose plan does not fit and warns above 90%. None: unknown, no check.
+    gpu_memory_gb: Optional[float] = None
+    # GPUs a recipe is planned for (nodes × GPUs per node), used by validation and
+    # `megatron-reft plan` when no launcher says; the launcher's world size wins at run time.
+    planned_world_size: Optional[int] = None
 
 
 @dataclass
