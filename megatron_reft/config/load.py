@@ -74,6 +74,9 @@ def _coerce(key: str, value, annotation):
             return float(value)
         except ValueError:
             pass
+    if annotation is str and isinstance(value, bool):
+        # YAML reads `model.use_te=true` as a boolean; textual choices spell it as the word
+        return "true" if value else "false"
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
     if annotation is int and isinstance(value, bool):
