@@ -5,6 +5,10 @@
                    concurrently on all cores
   (c) in-process - exec() in this process, no isolation at all (the floor)
 
+and, to weigh the design choice of forking per program, (d) a persistent worker per core
+that exec()s every program in its own interpreter without forking (the alternative design:
+no per-program isolation, and a timeout would cost a worker restart).
+
 Prints one JSON object with the medians over --repeats and the ratios. Also checks every
 program returned its gold answer (a fast sandbox that gets answers wrong is no use).
 
@@ -58,6 +62,40 @@ def run_subprocess(programs, timeout_s, workers):
     return time.perf_counter() - start, values
 
 
+LOOP_RUNNER = ("import sys, json, math\n"
+               "for line in sys.stdin:\n"
+               "    ns = {'math': math}\n"
+               "    exec(compile(json.loads(line), '<program>', 'exec'), ns)\n"
+               "    print(json.dumps(float(ns['solution']())), flush=True)\n")
+
+
+def run_persistent_workers(programs, workers):
+    procs = [subprocess.Popen([sys.executable, "-I", "-c", LOOP_RUNNER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={}) for _ in range(workers)]
+
+    def serve(proc, chunk):
+        out = []
+        for code in chunk:  # one program in flight per worker, as a timeout would require
+            proc.stdin.write(json.dumps(code) + "\n")
+            proc.stdin.flush()
+            out.append(json.loads(proc.stdout.readline()))
+        return out
+
+    chunks = [programs[i::workers] for i in range(workers)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        serve(procs[0], programs[:10])  # started
+        start = time.perf_counter()
+        parts = list(pool.map(serve, procs, chunks))
+        seconds = time.perf_counter() - start
+    for proc in procs:
+        proc.stdin.close()
+        proc.wait()
+    values = [None] * len(programs)
+    for i, part in enumerate(parts):
+        values[i::workers] = part
+    return seconds, values
+
+
 def run_in_process(programs):
     start = time.perf_counter()
     values = []
@@ -87,7 +125,7 @@ def main(argv=None):
     config = SandboxConfig(num_workers=args.workers)
     few = programs[:args.subprocess_limit]
 
-    rates = {"sandbox": [], "subprocess": [], "in_process": []}
+    rates = {"sandbox": [], "subprocess": [], "in_process": [], "persistent_worker": []}
     wrong = {}
     for _ in range(args.repeats):
         seconds, values = run_sandbox(programs, config)
@@ -99,6 +137,9 @@ def main(argv=None):
         seconds, values = run_in_process(programs)
         rates["in_process"].append(len(programs) / seconds)
         wrong["in_process"] = count_wrong(values, golds)
+        seconds, values = run_persistent_workers(programs, args.workers)
+        rates["persistent_worker"].append(len(programs) / seconds)
+        wrong["persistent_worker"] = count_wrong(values, golds)
 
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(json.dumps({
@@ -108,6 +149,7 @@ def main(argv=None):
         "all_runs": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "sandbox_vs_subprocess": round(median["sandbox"] / median["subprocess"], 1),
         "in_process_vs_sandbox": round(median["in_process"] / median["sandbox"], 1),
+        "persistent_worker_vs_sandbox": round(median["persistent_worker"] / median["sandbox"], 1),
         "wrong_answers": wrong,
         "load_average": os.getloadavg(),
     }, indent=1))

@@ -171,6 +171,9 @@ class SandboxPool:
         with self._lock:
             if self._closed:
                 raise SandboxError("the sandbox pool is closed")
+            if os.getpid() != self._owner_pid:
+                raise SandboxError("a sandbox pool cannot be used from a forked process; "
+                                   "create one there")
             return _Batch(self, programs, timeout_s).run()
 
     def close(self):
