@@ -75,6 +75,8 @@ def test_choice_by_option_value():
     assert parse_choice("1354", options) == "c"
     assert parse_choice("data inadequate", options) == "d"
     assert parse_choice("12", options) is None
+    assert parse_choice("27.6749999", options) == "b"   # float noise from a program
+    assert parse_choice("27.7", options) is None        # further than the tolerance
 
 
 def test_options_written_as_a_python_list():

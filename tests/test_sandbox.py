@@ -4,6 +4,7 @@ process) and the sandbox workers alive."""
 import os
 import socket
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -309,6 +310,8 @@ def test_nothing_left_after_close():
         time.sleep(0.05)
     assert processes_with(tag) == []
     assert sandbox_descendants() == []
+    # the zygote's working directory is removed the moment it is entered
+    assert list(Path(tempfile.gettempdir()).glob("megatron-reft-sandbox-*")) == []
 
 
 def sandbox_descendants():

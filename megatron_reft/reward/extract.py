@@ -96,7 +96,7 @@ def parse_gold_number(gold: str) -> float:
         return value
 
 
-def parse_choice(text, options: dict | None = None) -> str | None:
+def parse_choice(text, options: dict | None = None, tolerance: float = 1e-2) -> str | None:
     """A MathQA option letter from answer text ('c', '(c)', 'c )', 'C ) 38', "'c'"), or None.
     With the question's options, an answer given as an option's value ('38') maps to its
     letter - how a P-CoT program that returns a number is turned into a choice."""
@@ -109,20 +109,21 @@ def parse_choice(text, options: dict | None = None) -> str | None:
         if match:
             return match.group(1)
     if options:
-        return _choice_by_value(line, options)
+        return _choice_by_value(line, options, tolerance)
     return None
 
 
-def _choice_by_value(answer: str, options: dict) -> str | None:
+def _choice_by_value(answer: str, options: dict, tolerance: float) -> str | None:
+    """The option whose text equals the answer, or whose number is nearest to it (within
+    `tolerance`, the same rule as numeric answers)."""
     number = parse_number(answer)
-    for letter, option_text in options.items():
-        if number is not None:
-            option_number = parse_number(option_text)
-            if option_number is not None and abs(option_number - number) <= 1e-6:
-                return letter
-        elif answer and answer == option_text.strip().lower():
-            return letter
-    return None
+    if number is None:
+        matches = [k for k, v in options.items() if answer and answer == v.strip().lower()]
+        return matches[0] if matches else None
+    distances = {letter: abs(value - number) for letter, value in
+                 ((k, parse_number(v)) for k, v in options.items()) if value is not None}
+    nearest = min(distances, key=distances.get, default=None)
+    return nearest if nearest is not None and distances[nearest] <= tolerance else None
 
 
 def parse_mathqa_options(question: str) -> dict[str, str]:

@@ -182,7 +182,7 @@ class RewardScorer:
             options = parse_mathqa_options(question) if question else None
             if isinstance(value, float):
                 value = _format_number(value) if math.isfinite(value) else None
-            return parse_choice(value, options)
+            return parse_choice(value, options, self.config.tolerance)
         if isinstance(value, str):
             value = parse_number(value, strict=self.config.strict_numbers)
         return value if value is not None and math.isfinite(value) else None
