@@ -109,11 +109,16 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
     """Raise ConfigError listing every problem, one line each, naming the key."""
     errors = _value_errors(config) + _file_errors(config, job)
     if model is not None:
-        errors += _layout_errors(model, config, world_size)
+        layout_errors = _layout_errors(model, config, world_size)
+        errors += layout_errors
         needed = config.data.max_length if job == "sft" else config.data.max_total_length
         if model.family == "opt" and needed > model.max_position_embeddings:
             errors.append(f"data.max_length: {needed} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings} (learned positions)")
+        if not layout_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
+            from megatron_reft.planning import check_fits
+
+            errors += check_fits(config, model, job=job, world_size=world_size)
     if errors:
         raise ConfigError("\n".join(errors))
 
