@@ -37,7 +37,10 @@ def load_and_validate(config_path, overrides, job: str) -> Config:
         model = resolve_model_config(config, vocab_size=vocab_hint)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    validate(config, model, job=job, world_size=world_size_from_env())
+    # No launcher variables means a plain `python` run: a world of one (distributed.init does the
+    # same), so the batch-size rules still apply instead of failing later in the engine.
+    world_size = world_size_from_env()
+    validate(config, model, job=job, world_size=1 if world_size is None else world_size)
     return config
 
 
