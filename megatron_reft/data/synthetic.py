@@ -15,8 +15,9 @@ style (reft.md §2; compare ../shared/data/mwp_reft/svamp_python_sdp.json):
                return result
 
 The difficulty knob sets the number of steps, the operand and value ranges and the operations.
-Small numbers keep the arithmetic learnable by a tiny model; multi-digit carries, and several
-steps in a row, are what it gets wrong after a short warm-up, which leaves room for RL.
+Small numbers keep the arithmetic learnable by a tiny model. The language is templated and easy
+to copy, so what a briefly warmed-up model should still get wrong is the arithmetic (carries,
+several steps in a row): errors a correctness reward can fix.
 Everything is a pure function of (seed, difficulty): the same call gives the same items.
 """
 import io
