@@ -15,12 +15,15 @@ layer of a stacked key, by assembling the stored chunks that overlap it.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import torch
 
 from megatron_reft.checkpoint.mapping import checkpoint_key
 
+MEGATRON_FORMAT = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}
 # Linear layers whose (empty) `_extra_state` the local spec checkpoints as ShardedObjects;
 # megatron's loader expects them to be present.
 EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv",
@@ -113,7 +116,6 @@ class DistCheckpointWriter:
 
     def finish(self) -> None:
         """Write DCP's `.metadata` and megatron's `metadata.json` / `common.pt`."""
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
         from torch.distributed.checkpoint.metadata import Metadata
 
         missing = [k for k, m in self.state_dict_metadata.items()
@@ -122,7 +124,9 @@ class DistCheckpointWriter:
             raise RuntimeError(f"no data written for {missing}")
         self.writer.finish(Metadata(state_dict_metadata=self.state_dict_metadata), self.results)
         torch.save({}, self.dir / "common.pt")  # no non-sharded model state
-        save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(self.dir))
+        # What megatron's dist_checkpointing.core.save_config writes; written here so the
+        # converter does not import megatron.core (slow: it compiles fused kernels on import).
+        (self.dir / "metadata.json").write_text(json.dumps(MEGATRON_FORMAT))
 
 
 def _overlap(chunk_offsets, chunk_sizes, want_offsets, want_sizes):
