@@ -2,7 +2,9 @@
 
   (a) sandbox   - megatron_reft's SandboxPool (warm workers, one jailed fork per program)
   (b) subprocess - a fresh `python -I` per program (the usual naive isolation), run
-                   concurrently on all cores
+                   concurrently on all cores; measured twice: bare (no limits at all, the
+                   cheapest possible fresh process) and sandboxed (the same jail as (a):
+                   net+ipc namespaces, uid nobody, rlimits, landlock, seccomp - like for like)
   (c) in-process - exec() in this process, no isolation at all (the floor)
 
 and, to weigh the design choice of forking per program, (d) a persistent worker per core
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,25 +44,61 @@ RUNNER = ("import sys, json, math\n"
           "print(json.dumps(float(ns['solution']())))\n")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of all its waited-for descendants (workers, programs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_sandbox(programs, config):
+    """Wall seconds for the batch, the values, and CPU seconds for everything (pool start-up
+    and warm-up included: the workers' CPU is only accounted once they exit)."""
+    cpu_start = cpu_seconds()
     with SandboxPool(config) as pool:
         pool.run(programs[:64])  # warm-up: workers started, pages faulted in
         start = time.perf_counter()
         results = pool.run(programs)
         seconds = time.perf_counter() - start
-    return seconds, [r.value if r.status == "ok" else None for r in results]
+    return seconds, [r.value if r.status == "ok" else None for r in results], \
+        cpu_seconds() - cpu_start
 
 
-def run_subprocess(programs, timeout_s, workers):
+def run_subprocess(programs, timeout_s, workers, sandboxed=False):
+    command = ([sys.executable, "-I", "-c", SANDBOXED_RUNNER, str(REPO)] if sandboxed
+               else [sys.executable, "-I", "-c", RUNNER])
+
     def one(code):
-        proc = subprocess.run([sys.executable, "-I", "-c", RUNNER], input=code, text=True,
-                              capture_output=True, timeout=timeout_s + 5, env={})
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
+        proc = subprocess.run(command, input=code, text=True, capture_output=True,
+                              timeout=timeout_s + 5, env={})
+        if proc.returncode != 0:
+            return None
+        answer = json.loads(proc.stdout)
+        return answer["value"] if sandboxed else answer
 
+    cpu_start = cpu_seconds()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         start = time.perf_counter()
         values = list(pool.map(one, programs))
-    return time.perf_counter() - start, values
+    return time.perf_counter() - start, values, cpu_seconds() - cpu_start
+
+
+# (b) sandboxed: the fresh interpreter builds and enters the same jail as a sandbox child.
+SANDBOXED_RUNNER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from megatron_reft.reward.sandbox import jail, kernel, prepare
+kernel.unshare(kernel.CLONE_NEWNET | kernel.CLONE_NEWIPC)
+code = sys.stdin.read()
+preloaded, _ = prepare.preload(["math"])
+prepare.enter_empty_directory()
+cfg = {"memory_mb": 512, "sandbox_uid": 65534, "nice": 0, "max_open_files": 64}
+the_jail, zygote_filter, info = prepare.build_jail(cfg, ["net", "ipc"])
+output_fd, result_fd = os.open(os.devnull, os.O_WRONLY), os.dup(1)
+prepare.restrict_zygote(the_jail, zygote_filter, info)
+the_jail.enter(output_fd, result_fd, 2.0)
+status, value = jail.run_program(code, preloaded)
+os.write(jail.RESULT_FD, jail.encode_result(status, value))
+"""
 
 
 LOOP_RUNNER = ("import sys, json, math\n"
@@ -125,15 +164,20 @@ def main(argv=None):
     config = SandboxConfig(num_workers=args.workers)
     few = programs[:args.subprocess_limit]
 
-    rates = {"sandbox": [], "subprocess": [], "in_process": [], "persistent_worker": []}
+    rates = {"sandbox": [], "subprocess": [], "subprocess_sandboxed": [], "in_process": [],
+             "persistent_worker": []}
+    cpu_ms = {"sandbox": [], "subprocess": [], "subprocess_sandboxed": []}  # all processes
     wrong = {}
     for _ in range(args.repeats):
-        seconds, values = run_sandbox(programs, config)
+        seconds, values, cpu = run_sandbox(programs, config)
         rates["sandbox"].append(len(programs) / seconds)
+        cpu_ms["sandbox"].append(1e3 * cpu / (len(programs) + 64))
         wrong["sandbox"] = count_wrong(values, golds)
-        seconds, values = run_subprocess(few, config.timeout_s, args.workers)
-        rates["subprocess"].append(len(few) / seconds)
-        wrong["subprocess"] = count_wrong(values, golds)
+        for name, sandboxed in (("subprocess", False), ("subprocess_sandboxed", True)):
+            seconds, values, cpu = run_subprocess(few, config.timeout_s, args.workers, sandboxed)
+            rates[name].append(len(few) / seconds)
+            cpu_ms[name].append(1e3 * cpu / len(few))
+            wrong[name] = count_wrong(values, golds)
         seconds, values = run_in_process(programs)
         rates["in_process"].append(len(programs) / seconds)
         wrong["in_process"] = count_wrong(values, golds)
@@ -142,14 +186,24 @@ def main(argv=None):
         wrong["persistent_worker"] = count_wrong(values, golds)
 
     median = {name: statistics.median(values) for name, values in rates.items()}
+    cpu = {name: statistics.median(values) for name, values in cpu_ms.items()}
     print(json.dumps({
         "programs": len(programs), "subprocess_programs": len(few), "repeats": args.repeats,
         "cpus": os.cpu_count(), "workers": args.workers, "python": platform.python_version(),
         "programs_per_s": {k: round(v, 1) for k, v in median.items()},
         "all_runs": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "sandbox_vs_subprocess": round(median["sandbox"] / median["subprocess"], 1),
+        "sandbox_vs_subprocess_sandboxed": round(median["sandbox"]
+                                                 / median["subprocess_sandboxed"], 1),
         "in_process_vs_sandbox": round(median["in_process"] / median["sandbox"], 1),
         "persistent_worker_vs_sandbox": round(median["persistent_worker"] / median["sandbox"], 1),
+        # Less sensitive to other load than wall-clock rates: CPU per program, and the rate
+        # that implies when all cores are ours.
+        "cpu_ms_per_program": {k: round(v, 3) for k, v in cpu.items()},
+        "cpu_bound_programs_per_s": {k: round(1e3 * os.cpu_count() / v, 1) for k, v in cpu.items()},
+        "sandbox_vs_subprocess_by_cpu": round(cpu["subprocess"] / cpu["sandbox"], 1),
+        "sandbox_vs_subprocess_sandboxed_by_cpu": round(cpu["subprocess_sandboxed"]
+                                                        / cpu["sandbox"], 1),
         "wrong_answers": wrong,
         "load_average": os.getloadavg(),
     }, indent=1))

@@ -14,6 +14,11 @@ import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+# Fixed argument types let plain ints through without building ctypes objects: these calls
+# run after every fork, where each touched object costs a copy-on-write page fault.
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong)
+_libc.prctl.restype = ctypes.c_int
 
 # <linux/sched.h>
 CLONE_NEWNS = 0x00020000
@@ -64,14 +69,13 @@ def map_current_user() -> None:
 
 # ---- prctl and credentials --------------------------------------------------------------------
 
-def prctl(option: int, arg2: int = 0) -> None:
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
+    result = _libc.prctl(option, arg2, arg3, 0, 0)
+    return _check(result, f"prctl({option})") if result == -1 else result
 
 
 def prctl_get(option: int) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                              ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+    return prctl(option)
 
 
 class _CapHeader(ctypes.Structure):
@@ -105,13 +109,12 @@ class SeccompProgram:
         assert len(code) % 8 == 0
         self._buffer = ctypes.create_string_buffer(code, len(code))
         self._fprog = _SockFprog(len(code) // 8, ctypes.addressof(self._buffer))
+        self._fprog_address = ctypes.addressof(self._fprog)
         self.instructions = len(code) // 8
 
     def install(self) -> None:
         """Needs PR_SET_NO_NEW_PRIVS (or CAP_SYS_ADMIN) first; cannot be undone."""
-        _check(_libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
-                           ctypes.byref(self._fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
-               "prctl(PR_SET_SECCOMP)")
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._fprog_address)
 
 
 # ---- landlock ---------------------------------------------------------------------------------
@@ -184,5 +187,5 @@ def landlock_read_only_ruleset(abi: int, readable_dirs) -> int:
 
 
 def landlock_restrict_self(ruleset_fd: int) -> None:
-    _check(int(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset_fd),
-                             ctypes.c_uint32(0))), "landlock_restrict_self")
+    _check(int(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0)),
+           "landlock_restrict_self")
