@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from megatron_reft.generation.sampling import SamplingParams, next_tokens, top_k_filter, top_p_filter
+from megatron_reft.generation.sampling import (SamplingParams, next_tokens, sample_from, top_k_filter,
+                                               top_p_filter)
 from megatron_reft.generation.generate import response_limits
 
 VOCAB = 500
@@ -280,6 +281,16 @@ def test_sampling_follows_the_filtered_distribution():
     assert torch.allclose(counts / counts.sum(), expected / expected.sum(), atol=0.02)
     hot = next_tokens(logits, SamplingParams(temperature=0.05), g)
     assert (hot == 0).all()
+
+
+def test_inverse_transform_sampling_never_picks_zero_probability_tokens():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [1.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0]]).repeat(2000, 1)
+    draws = sample_from(probs, g).view(2000, 3)
+    assert set(draws[:, 0].tolist()) == {1, 3} and abs((draws[:, 0] == 1).float().mean() - 0.5) < 0.03
+    assert (draws[:, 1] == 0).all() and (draws[:, 2] == 4).all()
+    again = sample_from(probs, torch.Generator().manual_seed(0)).view(2000, 3)
+    assert torch.equal(draws, again)
 
 
 def test_response_limits_and_prompt_checks():

@@ -86,5 +86,16 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams,
     logits = logits / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_from(logits.softmax(dim=-1), generator)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row by inverse transform sampling: one float64 uniform against the
+    cumulative probabilities. (torch.multinomial draws an exponential per vocabulary entry:
+    ~15x slower on a CPU for a 32k vocabulary, and it dominated a whole decode step.)"""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    # Strictly below the total, so the search lands on a token with non-zero probability.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
