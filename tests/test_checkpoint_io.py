@@ -16,6 +16,15 @@ from dist_utils import run_distributed
 from megatron_reft.checkpoint.io import LATEST, latest_checkpoint, mark_latest, prune_checkpoints
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_child():
+    """Spawned ranks inherit this; they also call torch.set_num_threads(1) themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 # ---------------------------------------------------------------- pointer logic (no megatron)
 def _fake_checkpoint(path: Path) -> Path:
     (path / "weights").mkdir(parents=True)

@@ -9,6 +9,15 @@ from dist_utils import run_distributed
 from megatron_reft.distributed.init import LaunchEnv, detect_launch_env, expand_slurm_nodelist
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_child():
+    """Spawned ranks inherit this; they also call torch.set_num_threads(1) themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 # ---------------------------------------------------------------- Slurm node lists
 @pytest.mark.parametrize("nodelist, hosts", [
     ("gpu[001-003,007],cpu1", ["gpu001", "gpu002", "gpu003", "gpu007", "cpu1"]),

@@ -40,6 +40,15 @@ LAYOUTS = {
 }
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_child():
+    """Spawned ranks inherit this; they also call torch.set_num_threads(1) themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def _fixed_batch():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
@@ -180,7 +189,6 @@ def ckpt_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def layout(ckpt_root):
     """layout(name) → every rank's results; each layout is run once per module."""
-    os.environ["OMP_NUM_THREADS"] = "1"
 
     def get(name: str) -> list[dict]:
         if name not in _CACHE:

@@ -17,6 +17,15 @@ TRUE_VOCAB, PADDED_VOCAB, HIDDEN, SEQ, BATCH = 100, 128, 16, 10, 3
 TOL = 1e-5
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_child():
+    """Spawned ranks inherit this; they also call torch.set_num_threads(1) themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 class _GarbagePaddingOutputLayer:
     """Stands in for megatron's ColumnParallelLinear: logits = h · Wᵀ for this rank's rows, with
     padded columns overwritten by huge values (whatever sits in padding must not matter). Like
