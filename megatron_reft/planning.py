@@ -319,7 +319,7 @@ def _assumptions(config, attention: str, world_size, layout: Layout) -> list:
 
 
 # ---------------------------------------------------------------- validation hook
-def _suggestions(config, layout: Layout) -> str:
+def _suggestions(config, layout: Layout, job: str) -> str:
     tips = []
     if not config.parallel.use_distributed_optimizer and layout.dp > 1:
         tips.append("parallel.use_distributed_optimizer=true")
@@ -327,8 +327,8 @@ def _suggestions(config, layout: Layout) -> str:
         tips.append("model.recompute=true")
     if config.trainer.micro_batch_size > 1:
         tips.append("a smaller trainer.micro_batch_size")
-    if not config.ppo.ref_offload:
-        tips.append("ppo.ref_offload=true (PPO)")
+    if job == "ppo" and not config.ppo.ref_offload:
+        tips.append("ppo.ref_offload=true")
     tips.append("a larger TP or PP")
     return ", ".join(tips)
 
@@ -344,7 +344,7 @@ def check_fits(config, model, job: str = "sft", world_size: int | None = None) -
                f"DP={plan.layout.dp}")
     if need > have:
         return [f"parallel.gpu_memory_gb: {summary} but the GPU has {have:g} GiB "
-                f"(see `megatron-reft plan`); try {_suggestions(config, plan.layout)}"]
+                f"(see `megatron-reft plan`); try {_suggestions(config, plan.layout, job)}"]
     if need > WARN_FRACTION * have and _is_rank0():
         print(f"config warning: parallel.gpu_memory_gb: {summary}, over {WARN_FRACTION:.0%} of {have:g} GiB",
               file=sys.stderr)

@@ -81,7 +81,10 @@ reft_pick_run_dir() {
     local name=${SLURM_JOB_NAME:-reft}
     if [ "$name" = "$REFT_SCRIPT" ] || [ "$name" = "$(basename "$REFT_SCRIPT")" ]; then
       name=$REFT_KIND
-      [ -n "$REFT_CONFIG" ] && name="$(basename "${REFT_CONFIG%.*}")-$REFT_KIND"
+      if [ -n "$REFT_CONFIG" ]; then
+        name=$(basename "${REFT_CONFIG%.*}")
+        [[ "$name" == *[_-]"$REFT_KIND" ]] || name="$name-$REFT_KIND"  # no "..._sft-sft"
+      fi
     fi
     RUN_DIR="${RUNS_ROOT:-runs}/$name-${SLURM_JOB_ID:-local}"
   fi

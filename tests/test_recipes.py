@@ -1,0 +1,114 @@
+"""The recipes in configs/ (issue 6): the paper's runs with reft.md §5 settings, scale-out layouts,
+and every one passes validation — layout, batch and memory rules on its planned GPUs — with the
+data and checkpoint paths pointed at stand-in files (the real ones are the user's downloads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_reft import planning
+from megatron_reft.config import load_config, resolve_model_config, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER_MODELS = ("codellama-7b", "galactica-6.7b")
+PAPER_RUNS = [("gsm8k", "ncot"), ("gsm8k", "pcot"), ("svamp", "ncot"), ("svamp", "pcot"),
+              ("mathqa", "ncot"), ("mathqa", "pcot"), ("mathqa-numeric", "ncot")]
+SCALE_OUT = {"codellama-13b": 8, "codellama-34b": 16, "llama2-70b": 32}  # planned GPUs
+RECIPES = sorted(p.name for p in CONFIGS.glob("*_*_*_*.yaml") if p.stem.endswith(("_sft", "_ppo")))
+
+
+def job_of(name: str) -> str:
+    return "ppo" if name.endswith("_ppo.yaml") else "sft"
+
+
+def load_recipe(name: str, tmp_path: Path, *extra: str):
+    """The recipe with its files replaced by stand-ins; the architecture then comes from the
+    preset (model.load is what a converted checkpoint would provide)."""
+    stand_in = tmp_path / "data.json"
+    stand_in.write_text("[]")
+    overrides = [f"data.train_file={stand_in}", "model.load=null"]
+    if "eval_file" in (CONFIGS / name).read_text():
+        overrides.append(f"data.eval_file={stand_in}")
+    config = load_config(CONFIGS / name, overrides + list(extra))
+    return config, resolve_model_config(config)
+
+
+def test_the_paper_runs_and_the_scale_out_recipes_exist():
+    expected = {f"{m}_{d}_{c}_{s}.yaml" for m in PAPER_MODELS for d, c in PAPER_RUNS for s in ("sft", "ppo")}
+    expected |= {f"galactica-125m_{d}_pcot_{s}.yaml" for d in ("gsm8k", "svamp", "mathqa") for s in ("sft", "ppo")}
+    expected |= {f"{m}_gsm8k_pcot_{s}.yaml" for m in SCALE_OUT for s in ("sft", "ppo")}
+    assert expected <= set(RECIPES), sorted(expected - set(RECIPES))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_passes_validation_on_its_planned_gpus(name, tmp_path):
+    config, model = load_recipe(name, tmp_path)
+    p = config.parallel
+    assert p.gpu_memory_gb == 80 and p.planned_world_size, "recipes are planned for 80 GB GPUs"
+    validate(config, model, job=job_of(name), world_size=p.planned_world_size)  # includes the memory plan
+    # And they fit whichever attention kernel the cluster provides (TE fused or the local spec).
+    for attention in ("flash", "local"):
+        use_te = "true" if attention == "flash" else "false"
+        config, model = load_recipe(name, tmp_path, f"model.use_te={use_te}")
+        plan = planning.make_plan(config, model, job_of(name), p.planned_world_size)
+        assert plan.total_gib <= planning.WARN_FRACTION * p.gpu_memory_gb, (attention, plan.table())
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_micro_batches_divide_each_ranks_share(name, tmp_path):
+    """No padded filler micro-batches: a rank's share of the batch splits evenly."""
+    config, _ = load_recipe(name, tmp_path)
+    p, t = config.parallel, config.trainer
+    dp = p.planned_world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    share = config.ppo.rollout_batch_size // dp if job_of(name) == "ppo" else t.global_batch_size // dp
+    assert share % t.micro_batch_size == 0, (share, t.micro_batch_size)
+    if p.pipeline_model_parallel_size > 1:  # enough micro-batches to fill the pipeline
+        assert share // t.micro_batch_size >= p.pipeline_model_parallel_size
+
+
+def _paper_sft_epochs(dataset: str, cot: str) -> int:
+    if dataset == "mathqa-numeric":
+        return 10
+    return 5 if (dataset, cot) == ("mathqa", "ncot") else 2
+
+
+def _paper_kl(model: str, dataset: str, cot: str) -> float:
+    return 0.01 if model == "galactica-125m" or cot == "pcot" or dataset == "mathqa-numeric" else 0.05
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_carry_the_reference_settings(name, tmp_path):
+    """reft.md §5, checked value by value."""
+    model, dataset, cot, stage = Path(name).stem.split("_")
+    config, _ = load_recipe(name, tmp_path)
+    o, t, d, ppo = config.optim, config.trainer, config.data, config.ppo
+    small = model == "galactica-125m"
+    assert config.model.dtype == "bf16" and config.data.cot_type == cot
+    assert (o.weight_decay, o.adam_eps, o.clip_grad) == (0.0, 1e-8, 1.0)
+    assert Path(d.train_file).name == "data.json"  # the stand-in replaced the recipe's file
+    train_file = load_config(CONFIGS / name).data.train_file
+    assert train_file == f"data/{dataset}_{'nl' if cot == 'ncot' else 'python_sdp'}.json"
+    if stage == "sft":
+        assert (o.lr, o.schedule, o.warmup_fraction, o.planned_epochs) == (2e-5 if small else 1e-5, "linear", 0.1, 40)
+        assert (t.global_batch_size, d.max_length) == (48, 1024)
+        assert t.epochs == _paper_sft_epochs(dataset, cot)
+    else:
+        assert (o.lr, o.schedule) == (3e-6 if small else 3e-7, "constant")
+        assert (ppo.rollout_batch_size, t.epochs) == ((256, 700) if small else (32, 300))
+        assert (ppo.ppo_epochs, ppo.mini_batch_size, ppo.temperature) == (2, None, 1.0)
+        assert (d.max_prompt_length, d.max_total_length) == (300, 700)
+        assert ppo.kl_coef == _paper_kl(model, dataset, cot)
+        assert (ppo.gamma, ppo.lam, ppo.clip_eps, ppo.value_clip, ppo.vf_coef) == (1.0, 0.95, 0.2, 0.2, 5.0)
+        assert load_config(CONFIGS / name).model.load == f"ckpt/{model}_{dataset}_{cot}_sft"
+        assert load_config(CONFIGS / name).data.eval_file == f"data/{dataset}_test_set.json"
+
+
+def test_scale_out_layouts_span_nodes_and_use_gqa_where_the_model_has_it(tmp_path):
+    for model, gpus in SCALE_OUT.items():
+        config, arch = load_recipe(f"{model}_gsm8k_pcot_ppo.yaml", tmp_path)
+        assert config.parallel.planned_world_size == gpus
+        assert config.parallel.tensor_model_parallel_size <= 8, "TP stays inside an 8-GPU node"
+        assert config.parallel.use_distributed_optimizer
+        if model != "codellama-13b":
+            assert arch.num_query_groups < arch.num_attention_heads  # grouped-query attention
