@@ -173,6 +173,18 @@ def marker_files():
     return sorted(str(p) for d in WRITABLE_DIRS if d.is_dir() for p in d.glob(f"{MARKER}*"))
 
 
+def sandbox_owned_files():
+    """Entries in the writable directories owned by the sandbox user: anything a program
+    managed to create would be (other tests' files, created meanwhile, are not)."""
+    found = set()
+    for directory in WRITABLE_DIRS:
+        try:
+            found |= {str(p) for p in directory.iterdir() if p.lstat().st_uid == 65534}
+        except OSError:
+            continue
+    return found
+
+
 @pytest.fixture(scope="module")
 def scorer():
     scorer = RewardScorer(RewardConfig(cot_type="pcot", timeout_s=TIMEOUT_S, num_workers=2))
@@ -192,6 +204,7 @@ def test_hostile_programs_get_zero_reward_and_change_nothing(scorer):
     port = listener.getsockname()[1]
     cases = hostile_programs(port)
     assert marker_files() == []
+    owned_before = sandbox_owned_files()
     workers_before = worker_pids(scorer)
 
     start = time.monotonic()
@@ -242,6 +255,7 @@ def test_hostile_programs_get_zero_reward_and_change_nothing(scorer):
         listener.accept()  # nothing connected
     listener.close()
     assert marker_files() == []
+    assert sandbox_owned_files() - owned_before == set()
     assert worker_pids(scorer) == workers_before  # no worker was killed or replaced
     good = scorer.score(["def solution():\n    return 6 * 7"], ["42"], ["number"])
     assert good[0].reward == 1.0
