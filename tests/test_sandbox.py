@@ -272,9 +272,8 @@ def test_mixed_batch_keeps_good_answers(scorer):
     results = scorer.score([programs[i] for i in order], [golds[i] for i in order],
                            ["number"] * len(order))
     by_name = {names[i]: r for i, r in zip(order, results)}
-    assert all(by_name[n].reward == 1.0 and by_name[n].extracted == good[n][1].rstrip("0")
-               .rstrip(".") or by_name[n].extracted == good[n][1] for n in good)
-    assert [n for n in good if by_name[n].reward != 1.0] == []
+    assert {n: by_name[n] for n in good if by_name[n].reward != 1.0} == {}
+    assert {n: by_name[n].extracted for n in good} == {n: good[n][1] for n in good}
     assert [n for n in bad if by_name[n].reward != 0.0] == []
 
 

@@ -61,7 +61,8 @@ class SandboxConfig:
     heavy_modules: tuple = ("sympy", "numpy")  # programs naming these go to heavy workers
     heavy_workers: int = 1            # started on the first program that needs one
     sandbox_uid: int = 65534          # "nobody"; used when the trainer runs as root
-    nice: int = 10
+    nice: int = 0                     # >0 favours the trainer, but on a loaded node a niced
+                                      # program starves and times out: load becomes reward noise
     max_open_files: int = 64
     max_program_chars: int = 100_000
     grace_s: float = 3.0              # backstop beyond timeout_s before a worker is presumed stuck
