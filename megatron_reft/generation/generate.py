@@ -67,9 +67,10 @@ class _Batch:
         b = len(prompts)
         self.lens = torch.tensor([len(p) for p in prompts], device=device)
         self.ends = self.lens + torch.tensor(limits, device=device)  # one past the last slot
-        self.tokens = torch.zeros(b, int(self.ends.max()), dtype=torch.long, device=device)
+        tokens = torch.zeros(b, int(self.ends.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
-            self.tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        self.tokens = tokens.to(device)
         self.generated = torch.zeros(b, dtype=torch.long, device=device)
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
         self.hit_eos = torch.zeros(b, dtype=torch.bool, device=device)
