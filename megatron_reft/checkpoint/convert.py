@@ -151,6 +151,7 @@ def _write_megatron_weights(reader: HFReader, mapping: FamilyMapping, weights_di
             name = f"decoder.layers.{i}.{rule.megatron}"
             tensors[name] = _megatron_tensor(rule, name, read, model, tp, dtype)
         writer.write_part(tensors, layer=i)
+        del tensors  # before the next layer is read: one layer in memory at a time
         log(f"  layer {i + 1}/{model.num_layers}")
     writer.write_part({r.megatron: _megatron_tensor(r, r.megatron, reader.get, model, tp, dtype)
                        for r in finals})
@@ -200,6 +201,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: torch.dtype | No
                 tensor = tensor[:model.vocab_size]  # drop the TP padding rows
             for (hf_name, _), hf_tensor in zip(hf_names_shapes, rule.to_hf(tensor.to(dtype))):
                 writer.write(hf_name, hf_tensor.to(dtype))
+            del tensor, hf_tensor  # before the next read: one tensor in memory at a time
         writer.close()
         _write_hf_config(side, tmp, model, family, dtype)
         if not ((ckpt / "tokenizer").is_dir() and copy_tokenizer(ckpt / "tokenizer", tmp)):

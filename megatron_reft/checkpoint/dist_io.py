@@ -171,6 +171,10 @@ class DistCheckpointReader:
         size = tuple(meta.size)
         want_offsets = (0,) * len(size) if layer is None else (layer,) + (0,) * (len(size) - 1)
         want_sizes = size if layer is None else (1,) + size[1:]
+        exact = [c for c in meta.chunks if tuple(c.offsets) == want_offsets and tuple(c.sizes) == want_sizes]
+        if exact:  # stored as one piece (TP=1 saves, converted checkpoints): no assembly copy
+            out = self._read_chunk(key, exact[0])
+            return out if layer is None else out[0]
         out = torch.empty(want_sizes, dtype=meta.properties.dtype)
         covered = 0
         for chunk in meta.chunks:

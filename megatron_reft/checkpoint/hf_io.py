@@ -1,10 +1,10 @@
 """Hugging Face checkpoint files, one tensor at a time.
 
 Reading: safetensors or PyTorch .bin, single file or sharded with an index. safetensors files
-are memory-mapped and reopened for every tensor, so only the tensor being converted is
-resident (pages of an open mapping stay in the resident set until it is closed). A .bin file
-is memory-mapped (`torch.load(mmap=True)`) and kept open while it is being read, so at most
-one .bin shard is resident.
+are memory-mapped and reopened for every tensor, so only the tensors being converted are
+resident (pages of a mapping stay in the resident set until the tensors using it are freed).
+A .bin file is memory-mapped (`torch.load(mmap=True)`) and kept open while it is being read,
+so at most one .bin shard is resident.
 
 Writing: sharded safetensors written as the tensors arrive. The safetensors header lists every
 tensor's offsets before the data, so the writer takes the full list of (name, shape, dtype) up
@@ -103,14 +103,15 @@ class HFReader:
         return self._bin
 
     def get(self, name: str) -> torch.Tensor:
-        """A private (copied) tensor; the file mapping it came from is released."""
+        """The tensor, still backed by the memory-mapped file (read-only use, no copy): its pages
+        become resident as they are read and are released with the tensor."""
         path = self.files[name]
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name).clone()
-        return self._open_bin(path)[name].clone()
+                return f.get_tensor(name)
+        return self._open_bin(path)[name]
 
     def close(self) -> None:
         self._bin_path, self._bin = None, None

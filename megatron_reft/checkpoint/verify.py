@@ -30,18 +30,21 @@ def megatron_logits(gpt, input_ids: torch.Tensor, vocab_size: int) -> torch.Tens
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    device = next(gpt.parameters()).device
     b, s = input_ids.shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None].expand(b, 1, s, s)
+    input_ids = input_ids.to(device)
+    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1)[None, None]
+    causal = causal.expand(b, 1, s, s)
     if not ps.is_pipeline_first_stage():
-        hidden = torch.empty(s, b, gpt.config.hidden_size, dtype=gpt.config.params_dtype)
+        hidden = torch.empty(s, b, gpt.config.hidden_size, dtype=gpt.config.params_dtype, device=device)
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         gpt.set_input_tensor(hidden)
     out = gpt(input_ids, positions, causal)
     if not ps.is_pipeline_last_stage():
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None
-    return gather_from_tensor_model_parallel_region(out)[..., :vocab_size].float()
+    return gather_from_tensor_model_parallel_region(out)[..., :vocab_size].float().cpu()
 
 
 @torch.no_grad()
@@ -49,14 +52,16 @@ def megatron_greedy(gpt, input_ids: torch.Tensor, vocab_size: int, new_tokens: i
     """Greedy continuation [b, new_tokens], the same on every rank."""
     from megatron.core import parallel_state as ps
 
+    device = next(gpt.parameters()).device  # NCCL broadcasts need device tensors
     ids = input_ids
     for _ in range(new_tokens):
         logits = megatron_logits(gpt, ids, vocab_size)
         nxt = logits[:, -1].argmax(-1) if logits is not None else torch.empty(ids.shape[0], dtype=torch.long)
         if ps.get_pipeline_model_parallel_world_size() > 1:
+            nxt = nxt.to(device)
             dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        ids = torch.cat([ids, nxt.cpu()[:, None]], dim=1)
     return ids[:, input_ids.shape[1]:]
 
 
