@@ -74,6 +74,14 @@ def _child(rank, world, steps):
     return results if rank == world - 1 else None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_child():
+    """Spawned ranks inherit this; they also call torch.set_num_threads(1) themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """HF models, their directories and reference outputs."""

@@ -105,8 +105,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
     reader = HFReader(hf_dir)
     mapping = family.mapping(model)
     _check_hf_tensors(mapping, reader)
-    first = mapping.global_rules[0].hf[0]
-    dtype = dtype or reader.dtype(first)
+    dtype = dtype or reader.dtype(mapping.embedding_rules[0].hf[0])
     tmp = _prepare_out(out, overwrite)
     try:
         log(f"converting {hf_dir} ({model.family}, {model.num_layers} layers, {reader.format}) "
@@ -140,10 +139,8 @@ def _write_megatron_weights(reader: HFReader, mapping: FamilyMapping, weights_di
                             dtype, log) -> None:
     model = mapping.model
     writer = DistCheckpointWriter(weights_dir, model.num_layers)
-    n_first = mapping._n_first()
-    embeddings, finals = mapping.global_rules[:n_first], mapping.global_rules[n_first:]
     writer.write_part({r.megatron: _megatron_tensor(r, r.megatron, reader.get, model, tp, dtype)
-                       for r in embeddings})
+                       for r in mapping.embedding_rules})
     for i in range(model.num_layers):
         read = lambda n, i=i: reader.get(mapping.hf_layer_name(i, n))  # noqa: E731
         tensors = {}
@@ -154,7 +151,7 @@ def _write_megatron_weights(reader: HFReader, mapping: FamilyMapping, weights_di
         del tensors  # before the next layer is read: one layer in memory at a time
         log(f"  layer {i + 1}/{model.num_layers}")
     writer.write_part({r.megatron: _megatron_tensor(r, r.megatron, reader.get, model, tp, dtype)
-                       for r in finals})
+                       for r in mapping.final_rules})
     writer.finish()
 
 
@@ -235,13 +232,12 @@ def _hf_side(ckpt: Path, source, family, log) -> dict:
 
 def _megatron_names(mapping: FamilyMapping):
     """(rule, megatron name, HF names) in writing order: embeddings, layers, final norm/output."""
-    n_first = mapping._n_first()
-    for rule in mapping.global_rules[:n_first]:
+    for rule in mapping.embedding_rules:
         yield rule, rule.megatron, rule.hf
     for i in range(mapping.model.num_layers):
         for rule in mapping.layer_rules:
             yield rule, f"decoder.layers.{i}.{rule.megatron}", tuple(mapping.hf_layer_name(i, n) for n in rule.hf)
-    for rule in mapping.global_rules[n_first:]:
+    for rule in mapping.final_rules:
         yield rule, rule.megatron, rule.hf
 
 

@@ -50,17 +50,22 @@ class FamilyMapping:
     def hf_layer_name(self, layer: int, name: str) -> str:
         return self.hf_layer_prefix.format(layer) + name
 
+    @property
+    def embedding_rules(self) -> tuple[Rule, ...]:
+        """Global rules of the first pipeline stage (written before the layers)."""
+        return tuple(r for r in self.global_rules if r.megatron.startswith("embedding."))
+
+    @property
+    def final_rules(self) -> tuple[Rule, ...]:
+        """Global rules of the last stage: final norm, output layer (written after the layers)."""
+        return tuple(r for r in self.global_rules if not r.megatron.startswith("embedding."))
+
     def hf_names(self) -> list[str]:
         """Every HF tensor name the mapping reads or writes, in writing order."""
-        names = [n for r in self.global_rules[:self._n_first()] for n in r.hf]
+        names = [n for r in self.embedding_rules for n in r.hf]
         for i in range(self.model.num_layers):
             names += [self.hf_layer_name(i, n) for r in self.layer_rules for n in r.hf]
-        names += [n for r in self.global_rules[self._n_first():] for n in r.hf]
-        return names
-
-    def _n_first(self) -> int:
-        """Global rules before the layers (the embeddings) come first; the rest after them."""
-        return sum(1 for r in self.global_rules if r.megatron.startswith("embedding."))
+        return names + [n for r in self.final_rules for n in r.hf]
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(re.search(p, hf_name) for p in self.ignored_hf)
