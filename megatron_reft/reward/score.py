@@ -111,6 +111,8 @@ class RewardScorer:
         """One ScoreResult per response. `questions` (optional) lets a P-CoT program that
         returns an option's value instead of its letter be matched on MathQA-MCQ."""
         self._check_lengths(responses, golds, answer_types, questions)
+        if not responses:
+            return []
         if self.config.cot_type == "ncot":
             return [self._score_ncot(r, g, t) for r, g, t in zip(responses, golds, answer_types)]
         return self._score_pcot(responses, golds, answer_types, questions)

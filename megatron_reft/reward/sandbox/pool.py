@@ -381,12 +381,20 @@ class _Batch:
                 for _ in range(pool.config.heavy_workers - len(workers)):
                     pool._start_worker("heavy")
                 continue
-            for worker in sorted(workers, key=lambda w: len(w.outstanding)):
-                while (queue and worker.ready is not None and not worker.dead
-                       and len(worker.outstanding) < pool.config.children_per_worker
-                       and worker.programs + len(worker.outstanding)
-                       < pool.config.max_programs_per_worker):
+            open_workers = [w for w in workers if self._has_room(w)]
+            while queue and open_workers:  # round robin: every zygote forks its share
+                for worker in list(open_workers):
+                    if not queue:
+                        break
                     self._send(worker, queue.popleft())
+                    if not self._has_room(worker):
+                        open_workers.remove(worker)
+
+    def _has_room(self, worker: _Worker) -> bool:
+        config = self.pool.config
+        return (worker.ready is not None and not worker.dead
+                and len(worker.outstanding) < config.children_per_worker
+                and worker.programs + len(worker.outstanding) < config.max_programs_per_worker)
 
     def _send(self, worker: _Worker, index: int):
         pool = self.pool
