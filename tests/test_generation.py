@@ -61,7 +61,14 @@ def _generate_suite(engine, eos_id=VOCAB - 1):
     greedy = SamplingParams(max_new_tokens=NEW, greedy=True)
     sample = SamplingParams(max_new_tokens=NEW)
     run = lambda params, **kw: generate(engine, prompts, eos_id, params, **kw)
+    # Total length 14 ends the sequences at different steps: the batch is compacted mid-way.
+    limited = SamplingParams(max_new_tokens=NEW, greedy=True, max_total_length=14)
+    swaps = _count_cache_swaps()
+    limited_tokens = run(limited).tokens
     return {
+        "limited": limited_tokens,
+        "limited_compactions": len(swaps),
+        "limited_no_cache": run(limited, use_cache=False).tokens,
         "cache": run(greedy).tokens,
         "no_cache": run(greedy, use_cache=False).tokens,
         "sampled": run(sample, seed=11).tokens,
@@ -69,6 +76,27 @@ def _generate_suite(engine, eos_id=VOCAB - 1):
         "sampled_no_cache": run(sample, seed=11, use_cache=False).tokens,
         "sampled_other_seed": run(sample, seed=12).tokens,
     }
+
+
+def _count_cache_swaps() -> list:
+    """Record every KV-cache row reordering (batch compaction) from now on."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    calls = []
+    original = getattr(StaticInferenceContext.swap_key_value_dict, "original",
+                       StaticInferenceContext.swap_key_value_dict)
+
+    def counting(self, batch_idx):
+        calls.append(len(batch_idx))
+        return original(self, batch_idx)
+
+    counting.original = original
+    StaticInferenceContext.swap_key_value_dict = counting
+    return calls
+
+
+def _limited_expectation(naive):
+    return [seq[:min(NEW, 14 - n)] for seq, n in zip(naive, PROMPT_LENGTHS)]
 
 
 # ---------------------------------------------------------------- workers (spawned processes)
@@ -221,6 +249,13 @@ def test_stops_each_sequence_at_its_first_eos(single, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sequences_cut_at_different_steps_keep_their_tokens_through_compaction(single, family):
+    r = single[family]
+    assert r["limited_compactions"] >= 1  # the batch really was compacted
+    assert r["limited"] == r["limited_no_cache"] == _limited_expectation(r["naive"])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
 def test_length_limits(single, family):
     r = single[family]["limits"]
     expected = [min(15, 20 - n) for n in r["prompt_lengths"]]  # [15, 11, 6, 1]
@@ -253,6 +288,8 @@ def test_parallel_generation_matches_single_process_and_agrees_across_ranks(sing
         assert r["cache"] == r["no_cache"]
         assert r["sampled"] == r["sampled_again"] == r["sampled_no_cache"]
         assert r["cache"] == reference["naive"]
+        assert r["limited"] == r["limited_no_cache"] == _limited_expectation(reference["naive"])
+        assert r["limited_compactions"] >= 1
         assert all(t < VOCAB for seq in r["sampled"] for t in seq)
 
 
