@@ -182,7 +182,9 @@ def decode_bandwidth(engine, prompts, args, seconds_full: float) -> dict:
     steps = args.new_tokens - 1
     step_s = (seconds_full - one) / steps
     m, dtype_bytes = engine.model_config, torch.finfo(engine.dtype).bits // 8
-    weight_bytes = sum(p.numel() for p in engine.gpt.parameters()) * dtype_bytes
+    # A step reads every weight once, except the input embedding table (only b rows are looked up).
+    read = [p for n, p in engine.gpt.named_parameters() if m.tie_embeddings or "word_embeddings" not in n]
+    weight_bytes = sum(p.numel() for p in read) * dtype_bytes
     avg_context = args.prompt_len + args.new_tokens / 2
     kv_bytes = args.batch * avg_context * m.num_layers * 2 * m.num_query_groups * m.head_dim * dtype_bytes
     achieved = (weight_bytes + kv_bytes) / step_s
