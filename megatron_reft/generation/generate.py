@@ -190,4 +190,4 @@ def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    return tqdm(total=total, disable=not (enabled and rank0), desc="generate", unit="tok", leave=False)
+    return tqdm(total=total, disable=not (enabled and rank0), desc="generate", unit="step", leave=False)
