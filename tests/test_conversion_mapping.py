@@ -127,6 +127,23 @@ def test_hf_megatron_hf_round_trip_is_exact(tmp_path, name, fmt):
     assert len(list(back.glob("model-*.safetensors"))) > 1
 
 
+def test_base_model_names_without_prefix_are_read(tmp_path):
+    """Original OPT .bin files are saved from OPTModel: `decoder.…`, no `model.` prefix."""
+    src = save_hf(random_hf_model("opt"), tmp_path / "hf", fmt="bin")
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    index = json.loads((bare / "pytorch_model.bin.index.json").read_text())
+    for file in set(index["weight_map"].values()):
+        tensors = torch.load(bare / file, weights_only=True)
+        torch.save({k.removeprefix("model."): v for k, v in tensors.items()}, bare / file)
+    index["weight_map"] = {k.removeprefix("model."): v for k, v in index["weight_map"].items()}
+    (bare / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    a = DistCheckpointReader(convert.hf_to_megatron(src, tmp_path / "a", **QUIET) / "weights")
+    b = DistCheckpointReader(convert.hf_to_megatron(bare, tmp_path / "b", **QUIET) / "weights")
+    for name in ("embedding.position_embeddings.weight", "decoder.layers.1.self_attention.linear_qkv.bias"):
+        assert torch.equal(a.read(name), b.read(name))
+
+
 def _hf_tensors(directory):
     reader = HFReader(directory)
     return {n: reader.get(n) for n in reader.names()}

@@ -54,10 +54,20 @@ class HFReader:
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
-        self.files = self._weight_files()  # name -> file
+        self.files = self._weight_files()  # stored name -> file
         self.format = "safetensors" if all(f.suffix == ".safetensors" for f in self.files.values()) else "bin"
         self._bin_path, self._bin = None, None
-        self._meta = self._read_meta()  # name -> (shape, dtype)
+        self._stored = self._canonical_names(list(self.files))  # canonical name -> stored name
+        self._meta = self._read_meta()  # canonical name -> (shape, dtype)
+
+    @staticmethod
+    def _canonical_names(stored: list[str]) -> dict[str, str]:
+        """Checkpoints saved from the bare base model (OPTModel, LlamaModel; e.g. the original
+        OPT .bin files) lack the `model.` prefix of the *ForCausalLM names: add it."""
+        base_roots = ("decoder.", "layers.", "embed_tokens.")  # OPTModel / LlamaModel top level
+        if any(n.startswith("model.") for n in stored) or not any(n.startswith(base_roots) for n in stored):
+            return {n: n for n in stored}
+        return {(n if n.startswith("lm_head.") else "model." + n): n for n in stored}
 
     def _weight_files(self) -> dict[str, Path]:
         for index in (SAFE_INDEX, BIN_INDEX):
@@ -75,16 +85,16 @@ class HFReader:
         return list(torch.load(path, mmap=True, weights_only=True, map_location="cpu"))
 
     def _read_meta(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        meta = {}
+        stored_meta = {}
         for path in sorted(set(self.files.values())):
             if path.suffix == ".safetensors":
                 for name, info in _safetensors_header(path).items():
-                    meta[name] = (tuple(info["shape"]), TORCH_DTYPES[info["dtype"]])
+                    stored_meta[name] = (tuple(info["shape"]), TORCH_DTYPES[info["dtype"]])
             else:
                 for name, t in self._open_bin(path).items():
-                    meta[name] = (tuple(t.shape), t.dtype)
+                    stored_meta[name] = (tuple(t.shape), t.dtype)
         self._bin_path, self._bin = None, None
-        return meta
+        return {name: stored_meta[stored] for name, stored in self._stored.items()}
 
     def names(self) -> list[str]:
         return list(self._meta)
@@ -105,13 +115,14 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         """The tensor, still backed by the memory-mapped file (read-only use, no copy): its pages
         become resident as they are read and are released with the tensor."""
-        path = self.files[name]
+        stored = self._stored[name]
+        path = self.files[stored]
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
-        return self._open_bin(path)[name]
+                return f.get_tensor(stored)
+        return self._open_bin(path)[stored]
 
     def close(self) -> None:
         self._bin_path, self._bin = None, None
