@@ -151,11 +151,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         source = make_hf_checkpoint(hf, cfg, args.shard_size)
         source["write_seconds"] = round(time.perf_counter() - t0, 1)
-        to_megatron = run_measured(["hf-to-megatron", "--hf-dir", str(hf), "--out", str(mg), "--tp", "2", "--pp", "1"])
-        to_hf = run_measured(["megatron-to-hf", "--ckpt", str(mg), "--out", str(back), "--max-shard-size", args.shard_size])
+        to_megatron = run_measured(["hf-to-megatron", "--hf-dir", str(hf), "--out", str(mg),
+                                    "--tp", "2", "--pp", "1"])
+        to_hf = run_measured(["megatron-to-hf", "--ckpt", str(mg), "--out", str(back),
+                              "--max-shard-size", args.shard_size])
         last = cfg["num_hidden_layers"] - 1
         checked = ["model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight",
-                   f"model.layers.{last}.mlp.gate_proj.weight", f"model.layers.{last}.mlp.up_proj.weight", "lm_head.weight"]
+                   f"model.layers.{last}.mlp.gate_proj.weight", f"model.layers.{last}.mlp.up_proj.weight",
+                   "lm_head.weight"]
         report = {
             "benchmark": "conversion", "date": datetime.date.today().isoformat(),
             "machine": {"cpus": os.cpu_count(), "memory_gib": round(_total_memory() / GIB, 1),
