@@ -123,12 +123,14 @@ reft_setup_env() {
   local cpus=${SLURM_CPUS_ON_NODE:-1}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / tasks_per_node > 0 ? cpus / tasks_per_node : 1 ))}
   export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-  # Rendezvous: every rank computes the same address and port without talking first.
-  local first
+  # Rendezvous: every rank computes the same address and port without talking first. The
+  # address always comes from this allocation (a MASTER_ADDR inherited from the submitting
+  # shell would point elsewhere), and torchrun's variables must not hide the Slurm ones.
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
+  local first addr
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  local addr
   addr=$(scontrol show node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2)
-  export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
+  export MASTER_ADDR=${addr:-$first}
   # The attempt number is part of the port so a requeued job never meets a socket of its
   # previous run still in TIME_WAIT.
   export MASTER_PORT=${MASTER_PORT:-$(( 20000 + (SLURM_JOB_ID * 7 + REFT_ATTEMPT) % 20000 ))}
@@ -188,7 +190,7 @@ reft_seconds() {  # Slurm time (D-HH:MM:SS, HH:MM:SS, MM:SS) → seconds; empty 
 # Training stops itself (and checkpoints) REFT_STOP_MARGIN seconds before the time limit, so
 # the requeued job resumes from a fresh checkpoint; the USR1 signal is the backstop.
 reft_time_budget() {
-  [ "$REFT_NEEDS_CONFIG" = 1 ] || return 0
+  [ "$REFT_KIND" = sft ] || [ "$REFT_KIND" = ppo ] || return 0
   [ -n "$(reft_override trainer.max_seconds)" ] && return 0
   local left
   left=$(reft_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null | head -n1)")
@@ -264,7 +266,7 @@ reft_preflight() {
 
 reft_srun() {
   local wait_s=${REFT_SRUN_WAIT:-120}
-  reft_log "starting ${SLURM_NTASKS:-1} ranks: $*"
+  reft_log "starting ${SLURM_NTASKS:-1} rank(s): $*"
   reft_log "follow rank 0 with: tail -f $REFT_LOG_DIR/rank_0.log"
   REFT_STARTED=$(date +%s)
   # --kill-on-bad-exit: one rank failing stops all; --wait: a rank that exits while others

@@ -8,6 +8,7 @@ scripts' GPU defaults overridden on the sbatch command line exactly as a user wo
 
 - SFT and PPO run to completion; the run directory holds checkpoints, metrics, the resolved
   config and one log per rank; the launcher log shows the layout and the memory plan.
+- eval.sh scores a run directory's latest checkpoint.
 - A bad config ends the job in the pre-flight step, before any rank starts.
 - Preemption/time limit (SIGUSR1 to the batch script) requeues the job under the same job id,
   which resumes from its latest checkpoint; killing one rank then ends the job within seconds
@@ -177,13 +178,23 @@ def test_ppo_job_runs_to_completion_on_cpu(slurm_env, sft_job, ppo_job):
     assert "memory plan: ppo" in batch_log(slurm_env, job)
 
 
+def test_eval_job_scores_the_latest_checkpoint_of_a_run(slurm_env, ppo_job):
+    _, _, ppo_run = ppo_job
+    job, rc = run_job(slurm_env, CPU + ["slurm/eval.sh", "configs/tiny_cpu.yaml", "--ckpt", str(ppo_run),
+                                        "data.max_eval_items=4", "trainer.progress_bar=false"])
+    assert rc == 0, batch_log(slurm_env, job)[-3000:]
+    assert f"checkpoint: {ppo_run / 'checkpoints' / f'step_{PPO_STEPS}'}" in batch_log(slurm_env, job)
+    predictions = (runs_root(slurm_env) / f"tiny_cpu-eval-{job}" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 4 and all("correct" in json.loads(p) for p in predictions)
+
+
 def test_bad_config_ends_the_job_before_ranks_start(slurm_env):
     job, rc = run_job(slurm_env, CPU + ["slurm/sft.sh", "configs/tiny_cpu.yaml",
                                         "parallel.tensor_model_parallel_size=3"])
     log = batch_log(slurm_env, job)
     assert rc != 0 and job_field(slurm_env, job, "JobState") == "FAILED"
     assert "parallel.tensor_model_parallel_size: 3 does not divide" in log
-    assert "pre-flight failed" in log and "starting 2 ranks" not in log
+    assert "pre-flight failed" in log and "starting 2 rank(s)" not in log
 
 
 def test_requeue_fail_fast_and_resume(slurm_env, sft_job, ppo_job):
