@@ -214,7 +214,8 @@ class MemoryPlan:
             lines.append(f"  [{phase}: {self.phase_bytes(phase) / GIB:.2f} GiB{mark}]")
             for item in items:
                 lines.append(f"{'':4}{item.name:<32}{item.bytes / GIB:>9.2f}  {item.note}")
-        capacity = "unknown (set parallel.gpu_memory_gb)" if self.capacity_gib is None else f"{self.capacity_gib:.1f} GiB"
+        capacity = ("unknown (set parallel.gpu_memory_gb)" if self.capacity_gib is None
+                    else f"{self.capacity_gib:.1f} GiB")
         verdict = {None: "", True: " -> fits", False: " -> DOES NOT FIT"}[self.fits()]
         lines.append(f"  {'total (resident + peak phase)':<34}{self.total_gib:>9.2f}  of {capacity}{verdict}")
         lines += [f"  assumption: {a}" for a in self.assumptions]
@@ -294,7 +295,8 @@ def make_plan(config, model, job: str, world_size: int | None = None, *, attenti
                                                per_rank // t.micro_batch_size, attention)
     elif job == "ppo":
         if not ppo.ref_offload:
-            plan.resident.append(Item("reference model (frozen)", params * _weight_bytes(config), "bf16 copy of the policy"))
+            plan.resident.append(Item("reference model (frozen)", params * _weight_bytes(config),
+                                      "bf16 copy of the policy"))
         prompts = ppo.generation_micro_batch or max(1, ppo.rollout_batch_size // layout.dp)
         plan.phases["rollout"] = _generation_items(config, model, layout, prompts, attention)
         mini = (ppo.mini_batch_size or ppo.rollout_batch_size) // layout.dp
@@ -310,9 +312,11 @@ def make_plan(config, model, job: str, world_size: int | None = None, *, attenti
 
 
 def _assumptions(config, attention: str, world_size, layout: Layout) -> list:
-    notes = [f"{'bf16' if _weight_bytes(config) == 2 else 'fp32'} weights and activations (model.dtype={config.model.dtype})",
-             f"attention: {attention} ({'Transformer Engine fused, no score matrix' if attention == 'flash' else 'local spec, scores materialised'}; "
-             "choose with model.use_te or --attention)"]
+    precision = "bf16" if _weight_bytes(config) == 2 else "fp32"
+    kernel = ("Transformer Engine fused, no score matrix" if attention == "flash"
+              else "local spec, scores materialised")
+    notes = [f"{precision} weights and activations (model.dtype={config.model.dtype})",
+             f"attention: {attention} ({kernel}; choose with model.use_te or --attention)"]
     if not world_size and not config.parallel.planned_world_size:
         notes.append(f"world size unknown: DP={layout.dp} assumed (set parallel.planned_world_size or --world-size)")
     return notes
@@ -381,7 +385,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="auto: ppo/eval when the file name says so, else sft")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs in the job (default: launcher env, else parallel.planned_world_size)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="GiB per GPU (default parallel.gpu_memory_gb)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="GiB per GPU (default parallel.gpu_memory_gb)")
     parser.add_argument("--attention", choices=("auto", "flash", "local"), default="auto")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config first")
