@@ -91,8 +91,11 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(directory: str | Path, model_chunk, model: ModelConfig, *, optimizer=None,
                     trainer_state: dict | None = None, tokenizer=None,
-                    update_latest: bool = True) -> Path:
-    """Save model (+ optimizer, trainer state, RNG) to `directory`, atomically."""
+                    update_latest: bool = True, carry_from: str | Path | None = None) -> Path:
+    """Save model (+ optimizer, trainer state, RNG) to `directory`, atomically.
+
+    `carry_from`: the checkpoint training started from; its `hf/` side files are copied along.
+    """
     from megatron.core import dist_checkpointing
 
     final = Path(directory)
@@ -112,6 +115,10 @@ def save_checkpoint(directory: str | Path, model_chunk, model: ModelConfig, *, o
         write_model_yaml(tmp, model)
         if tokenizer is not None:  # anything with save(dir): our Tokenizer, an HF tokenizer
             tokenizer.save(str(tmp / "tokenizer"))
+        if carry_from is not None and (Path(carry_from) / "hf").is_dir():
+            # The original HF config/extra rows travel with every descendant checkpoint, so
+            # `convert megatron-to-hf` of a trained checkpoint needs no --source.
+            shutil.copytree(Path(carry_from) / "hf", tmp / "hf")
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.rmtree(final, ignore_errors=True)

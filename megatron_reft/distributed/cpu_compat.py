@@ -112,6 +112,11 @@ def install() -> bool:
         return False
     if _installed:
         return True
+    # `with torch.device("meta")` recognises factories from a cached list: fill it with the
+    # originals before they are wrapped (transformers builds models under that context).
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *a, **k: self

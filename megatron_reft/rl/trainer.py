@@ -39,7 +39,11 @@ def ppo_loss_fn(config, with_value: bool = True):
         else:
             loss, stats = ppo_math.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"],
                                                mask, clip_eps=p.clip_eps, num_sequences=1)
-        return loss, ppo_math.count_sequences(mask), stats
+        num_sequences = ppo_math.count_sequences(mask)
+        # Report losses per sequence (the optimised loss is their sum; see above).
+        stats = {k: (v / num_sequences.clamp(min=1) if k in ("policy_loss", "value_loss") else v)
+                 for k, v in stats.items()}
+        return loss, num_sequences, stats
 
     return loss_fn
 
@@ -238,7 +242,8 @@ class PPOTrainer:
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "metrics": metrics,
                  "best_accuracy": self.best_accuracy, "job": "ppo", "reference": self.config.model.load}
         save_checkpoint(ckpt_dir / name, self.policy.module, self.model_cfg, optimizer=self.policy.optimizer,
-                        trainer_state=state, tokenizer=self.data.tokenizer, update_latest=update_latest)
+                        trainer_state=state, tokenizer=self.data.tokenizer, update_latest=update_latest,
+                        carry_from=self.config.model.load)
         prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
 
     def train(self) -> dict:

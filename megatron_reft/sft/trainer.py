@@ -117,7 +117,7 @@ def run(config) -> dict:
         trainer_state = {"step": step, "sampler": sampler.state_dict(), "metrics": metrics,
                          "job": "sft", "model": config.model.preset}
         save_checkpoint(ckpt_dir / name, engine.module, model_cfg, optimizer=engine.optimizer,
-                        trainer_state=trainer_state, tokenizer=data.tokenizer)
+                        trainer_state=trainer_state, tokenizer=data.tokenizer, carry_from=config.model.load)
         prune_checkpoints(ckpt_dir, t.keep_last)
 
     last_saved, metrics = step, {}
