@@ -148,12 +148,13 @@ class Engine:
         hidden = hidden.to(self.dtype)
         logprobs, entropy = token_logprobs_and_entropy(
             hidden, mb["labels"], gpt.output_layer, gpt.output_weight(),
-            self.model_config.vocab_size, self.chunk_tokens, self.temperature)
+            self.model_config.vocab_size, self.chunk_tokens, self.temperature,
+            with_entropy=loss_fn is None)  # entropy is a rollout statistic, not a training input
         values = None
         if gpt.value_head is not None:
             values = gpt.value_head(hidden).squeeze(-1).t().float()  # [b, s]
         out = {"logprobs": logprobs, "entropy": entropy, "values": values}
-        if loss_fn is None:  # forward only: hand the per-token outputs back
+        if loss_fn is None:  # forward only: hand the per-token outputs back (entropy included)
             detached = {k: v.detach() for k, v in out.items() if v is not None}
             return torch.zeros(()), torch.ones((), dtype=torch.int), detached
         loss_sum, count, stats = loss_fn(mb, out)

@@ -245,6 +245,16 @@ class Timer:
         return {prefix + k: round(v, 4) for k, v in self.times.items()}
 
 
+def out_of_time(started: float, max_seconds: float | None) -> bool:
+    """Same answer on every rank (rank 0 decides), so no rank stops alone."""
+    if max_seconds is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - started >= max_seconds)])
+    if dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def write_run_config(config: Config) -> None:
     if rank() == 0:
         save_config(config, Path(config.trainer.output_dir) / "config.yaml")

@@ -59,33 +59,37 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sum_exp.log() - sum_exp_z / sum_exp
 
 
-def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature):
+def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature, with_entropy=True):
     logits, _ = output_layer(hidden, weight=weight)  # [s_chunk, b, V/TP]
     logits = mask_padding(logits.float(), true_vocab)
     if temperature != 1.0:
         logits = logits / temperature
     # Entropy first: megatron's cross-entropy kernel shifts its fp32 input in place.
-    entropy = vocab_parallel_entropy(logits.detach())
+    entropy = vocab_parallel_entropy(logits.detach()).t() if with_entropy else None
     logprobs = vocab_parallel_logprobs(logits, labels.t().contiguous())  # [s_chunk, b]
-    return logprobs.t(), entropy.t()
+    return logprobs.t(), entropy
 
 
 def token_logprobs_and_entropy(hidden: torch.Tensor, labels: torch.Tensor, output_layer, weight,
-                               true_vocab: int, chunk_tokens: int = 4096, temperature: float = 1.0):
-    """hidden [s, b, h] (post final norm), labels [b, s] → (logprobs [b, s], entropy [b, s]).
+                               true_vocab: int, chunk_tokens: int = 4096, temperature: float = 1.0,
+                               with_entropy: bool = True):
+    """hidden [s, b, h] (post final norm), labels [b, s] → (logprobs [b, s], entropy [b, s] or None).
 
-    `chunk_tokens` bounds positions × batch per chunk of fp32 logits.
+    `chunk_tokens` bounds positions × batch per chunk of fp32 logits. With several chunks and
+    autograd on, each chunk is recomputed in backward; a single chunk is not (the memory is the
+    same either way, and recomputing would only cost a second output-layer pass).
     """
     seq, batch = hidden.shape[0], hidden.shape[1]
     step = max(1, chunk_tokens // max(batch, 1))
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and seq > step
     logprobs, entropies = [], []
     for begin in range(0, seq, step):
         h, y = hidden[begin:begin + step], labels[:, begin:begin + step]
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if recompute:
             lp, ent = checkpoint(_chunk_stats, h, y, output_layer, weight, true_vocab, temperature,
-                                 use_reentrant=False)
+                                 with_entropy, use_reentrant=False)
         else:
-            lp, ent = _chunk_stats(h, y, output_layer, weight, true_vocab, temperature)
+            lp, ent = _chunk_stats(h, y, output_layer, weight, true_vocab, temperature, with_entropy)
         logprobs.append(lp)
         entropies.append(ent)
-    return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)
+    return torch.cat(logprobs, dim=1), (torch.cat(entropies, dim=1) if with_entropy else None)

@@ -252,7 +252,10 @@ class PPOTrainer:
         eval_every = t.eval_interval or self.sampler.batches_per_epoch
         save_every = t.save_interval or self.sampler.batches_per_epoch
         metrics, last_saved = {}, self.step
-        while self.step < self.max_steps:
+        started = time.perf_counter()
+        # trainer.max_seconds: stop early with a checkpoint (the Slurm scripts use it before the
+        # job's time limit, so a requeued job loses nothing).
+        while self.step < self.max_steps and not runtime.out_of_time(started, t.max_seconds):
             timer, t0 = runtime.Timer(), time.perf_counter()
             batch, scores_future = self.rollout(timer)
             adv = self.score_and_advantages(batch, scores_future, timer)

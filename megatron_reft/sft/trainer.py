@@ -122,7 +122,7 @@ def run(config) -> dict:
 
     last_saved, metrics = step, {}
     started = time.perf_counter()
-    while step < max_steps and not _out_of_time(started, t.max_seconds):
+    while step < max_steps and not runtime.out_of_time(started, t.max_seconds):
         t0 = time.perf_counter()
         batch = [examples[i] for i in sampler.next_batch()]
         lr = runtime.learning_rate(step, schedule_steps, config.optim.lr, config.optim.schedule,
@@ -149,18 +149,6 @@ def run(config) -> dict:
         save(f"step_{step}", metrics)
     logger.close()
     return metrics
-
-
-def _out_of_time(started: float, max_seconds: float | None) -> bool:
-    """Same answer on every rank (rank 0 decides), so no rank stops alone."""
-    import torch.distributed as dist
-
-    if max_seconds is None:
-        return False
-    flag = torch.tensor([float(time.perf_counter() - started >= max_seconds)])
-    if dist.is_initialized():
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
 
 
 @runtime.exit_on_config_error
