@@ -43,7 +43,7 @@ _WARM_UP_PROGRAM = '''def solution():
 def warm_up(preloaded):
     """Run the child's code path a few times in the zygote (our own program, not untrusted
     code), so the interpreter's compile/exec paths and allocator pools are mapped before any
-    fork: measured ~4x less CPU per child (fewer page faults for each child to take)."""
+    fork: measured 1.1 ms -> 0.25 ms of CPU for a child's compile + run (half the faults)."""
     for _ in range(20):
         status, value = jail_mod.run_program(_WARM_UP_PROGRAM, preloaded)
         jail_mod.encode_result(status, value)

@@ -12,8 +12,9 @@ environment. Three roles, top to bottom:
   reaps it and answers with a validated {id, status, value} line on stdout.
 * child: locks itself down (jail.py), runs the program, writes one JSON line, exits.
 
-Why fork per program rather than running programs inside a locked-down worker: forking a
-pre-warmed interpreter costs ~0.5 ms here, gives every program a pristine interpreter (a
+Why fork per program rather than running programs inside a locked-down worker: a fork of
+the warm zygote costs ~1.7 ms of CPU per program all included (907 programs/s on 2 cores,
+against ~20 ms for a fresh interpreter), gives every program a pristine interpreter (a
 program that rebinds math.pi cannot poison the next one's reward), and lets the zygote kill
 a stuck program without losing its warm state. Measurements in docs/benchmarks.md.
 
