@@ -41,7 +41,7 @@ def _file_errors(config: Config, job: str) -> list[str]:
     return errors
 
 
-def _layout_errors(model: ModelConfig, config: Config, world_size: int | None) -> list[str]:
+def _layout_errors(model: ModelConfig, config: Config, world_size: int | None, job: str = "sft") -> list[str]:
     p = config.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     errors = []
@@ -65,23 +65,28 @@ def _layout_errors(model: ModelConfig, config: Config, world_size: int | None) -
             errors.append(f"parallel.tensor_model_parallel_size: world size {world_size} is not "
                           f"TP x PP x DP with TP={tp}, PP={pp}")
         else:
-            errors += _batch_errors(config, world_size // (tp * pp))
+            errors += _batch_errors(config, world_size // (tp * pp), job)
     return errors
 
 
-def _batch_errors(config: Config, dp: int) -> list[str]:
+def _batch_errors(config: Config, dp: int, job: str) -> list[str]:
+    """SFT splits trainer.global_batch_size into equal micro-batches on every DP rank; PPO splits
+    each rank's share of a rollout into mini-batches (a short last micro-batch is padded with
+    masked rows, so trainer.micro_batch_size need not divide it)."""
     t, ppo = config.trainer, config.ppo
     errors = []
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    if job == "sft" and t.global_batch_size % (t.micro_batch_size * dp):
         errors.append(f"trainer.global_batch_size: {t.global_batch_size} is not divisible by "
                       f"trainer.micro_batch_size x DP = {t.micro_batch_size} x {dp}")
+    if job != "ppo":
+        return errors
     if ppo.rollout_batch_size % dp:
         errors.append(f"ppo.rollout_batch_size: {ppo.rollout_batch_size} is not divisible by DP={dp}")
     mini = ppo.mini_batch_size or ppo.rollout_batch_size
     if ppo.rollout_batch_size % mini:
         errors.append(f"ppo.mini_batch_size: {mini} does not divide ppo.rollout_batch_size="
                       f"{ppo.rollout_batch_size}")
-    elif mini % (dp * t.micro_batch_size) and mini % dp:
+    elif mini % dp:
         errors.append(f"ppo.mini_batch_size: {mini} is not divisible by DP={dp}")
     return errors
 
@@ -109,7 +114,7 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
     """Raise ConfigError listing every problem, one line each, naming the key."""
     errors = _value_errors(config) + _file_errors(config, job)
     if model is not None:
-        layout_errors = _layout_errors(model, config, world_size)
+        layout_errors = _layout_errors(model, config, world_size, job)
         errors += layout_errors
         needed = config.data.max_length if job == "sft" else config.data.max_total_length
         if model.family == "opt" and needed > model.max_position_embeddings:
