@@ -239,8 +239,9 @@ def test_hostile_programs_get_zero_reward_and_change_nothing(scorer):
     assert statuses == expected
     # how these end depends on machine load (how far they get within the time limit)
     assert results["memory_creep"].status in ("memory", "timeout")
-    # the interrupt storm may escape the program's own try (error:KeyboardInterrupt) or not
-    assert results["alarm_storm"].status in ("timeout", "error:KeyboardInterrupt")
+    # the interrupt storm may escape the program's own try (error:KeyboardInterrupt), even
+    # hit the harness while it reports (killed: no result), or keep looping (timeout)
+    assert results["alarm_storm"].status in ("timeout", "error:KeyboardInterrupt", "killed")
     assert results["deep_recursion"].status in ("killed", "timeout", "memory",
                                                 "error:RecursionError")
     for name in [n for n in cases if n.startswith("write_")] + ["read_dataset"]:
