@@ -80,7 +80,8 @@ def test_shipped_recipes_load():
         config = load_config(path)
         if config.data.train_file == "synthetic" and config.model.load is None:
             model = resolve_model_config(config, vocab_size=256)
-            for job in ("sft", "ppo"):
+            jobs = ("ppo",) if path.stem.endswith("_ppo") else ("sft", "ppo")  # a PPO-only recipe
+            for job in jobs:
                 validate(config, model, job=job, world_size=1)
 
 

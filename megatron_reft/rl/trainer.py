@@ -143,13 +143,20 @@ class PPOTrainer:
                                 max_total_length=d.max_total_length)
         # A seed per (run, step, DP rank): rollouts are reproducible and resume exactly.
         seed = self.config.trainer.seed * 1_000_003 + self.step * 101 + dp_rank
+        # ppo.generation_micro_batch bounds the KV cache (prompts decoded together).
+        chunk = p.generation_micro_batch or len(prompts)
+        responses, finished = [], []
         with timer("generation"):
             self.policy.module.eval()
-            out = generate(self.policy, prompts, self.data.tokenizer.eos_id, params, seed=seed)
-        texts = [response_text(self.data.tokenizer, r, toks, d.cot_type) for r, toks in zip(records, out.tokens)]
+            for start in range(0, len(prompts), chunk):
+                out = generate(self.policy, prompts[start:start + chunk], self.data.tokenizer.eos_id,
+                               params, seed=seed + 7919 * start)
+                responses += out.tokens
+                finished += out.finished
+        texts = [response_text(self.data.tokenizer, r, toks, d.cot_type) for r, toks in zip(records, responses)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],
                                                 [r.answer_type for r in records])
-        batch = build_rollout_batch(prompts, out.tokens, out.finished, self.data.tokenizer.pad_id)
+        batch = build_rollout_batch(prompts, responses, finished, self.data.tokenizer.pad_id)
         return batch, scores_future
 
     def score_and_advantages(self, batch, scores_future, timer) -> dict:
