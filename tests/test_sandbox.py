@@ -17,7 +17,7 @@ from megatron_reft.reward import RewardConfig, RewardScorer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 2.0  # the default; shorter ones make load spikes on a shared CI box look like timeouts
 MARKER = f"reft_sandbox_marker_{uuid.uuid4().hex[:12]}"
 WRITABLE_DIRS = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path.home(), Path.cwd(),
                  Path(__file__).resolve().parent]
@@ -312,6 +312,7 @@ def test_isolation_in_force_here(scorer):
 
 
 def test_nothing_left_after_close():
+    others = set(sandbox_descendants())  # e.g. the module scorer's long-lived executors
     scorer = RewardScorer(RewardConfig(cot_type="pcot", timeout_s=TIMEOUT_S, num_workers=1))
     scorer.score([program("while True:\n    pass")] * 3 + [program("return 1")], ["1"] * 4,
                  ["number"] * 4)
@@ -320,10 +321,11 @@ def test_nothing_left_after_close():
     assert len(pids) >= 2  # launcher + zygote
     scorer.close()
     deadline = time.monotonic() + 10  # generous: processes of other tests may load the CPU
-    while (processes_with(tag) or sandbox_descendants()) and time.monotonic() < deadline:
+    while (processes_with(tag) or set(sandbox_descendants()) - others) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_with(tag) == []
-    assert sandbox_descendants() == []
+    assert set(sandbox_descendants()) - others == set()
     # the zygote's working directory is removed the moment it is entered
     assert list(Path(tempfile.gettempdir()).glob("megatron-reft-sandbox-*")) == []
 

@@ -20,6 +20,7 @@ import resource
 import signal
 
 from . import kernel
+from .purity import pure_tree
 
 RESULT_FD = 3            # where the child writes its one JSON result line
 MAX_RESULT_BYTES = 4096  # the zygote reads at most this much from RESULT_FD
@@ -55,10 +56,10 @@ class Jail:
         """The address-space limit is relative to the zygote's own size, which may grow."""
         self.base_address_space = _address_space_bytes()
 
-    def enter(self, out_fd: int, result_fd: int, timeout_s: float, report=None):
+    def enter(self, out_fd: int, result_fd: int, timeout_s: float, report=None, stdin_fd=None):
         """Lock down the current (freshly forked) process. With `report` (a dict), record each
         step's outcome and carry on (the start-up probe); without, raise on the first failure."""
-        self._fds(out_fd, result_fd)
+        self._fds(out_fd, result_fd, self.devnull_fd if stdin_fd is None else stdin_fd)
         for step in STEPS:
             if step not in self.enabled:
                 continue
@@ -71,10 +72,10 @@ class Jail:
                     raise
                 report[step] = f"failed: {err}"
 
-    def _fds(self, out_fd, result_fd):
+    def _fds(self, out_fd, result_fd, stdin_fd):
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.dup2(self.devnull_fd, 0)
+        os.dup2(stdin_fd, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.dup2(result_fd, RESULT_FD)
@@ -129,8 +130,9 @@ def _address_space_bytes() -> int:
 
 # ---- running the program ---------------------------------------------------------------------
 
-def run_program(code: str, preloaded: dict):
-    """Execute `code`, call solution(), return (status, plain value). Runs jailed."""
+def run_program(code, preloaded: dict):
+    """Execute `code` (source or a parsed tree), call solution(), return (status, plain
+    value). Runs jailed."""
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     namespace.update(preloaded)  # the reference prepends `import math` (and `import sympy`)
     try:
@@ -206,3 +208,35 @@ def _report_and_exit(status_or_line, value, raw=False):
         _write(RESULT_FD, status_or_line if raw else encode_result(status_or_line, value))
     finally:
         _exit(0)
+
+
+# ---- the executor: statically pure programs, one after another, in one jailed process -----
+
+EXECUTOR_CPU_S = 3600  # it serves many programs; the zygote's wall clock bounds each of them
+FORK_INSTEAD = b'{"fork":true}\n'  # "run this one in its own child"
+
+
+def executor_main(jail: Jail, request_fd: int, reply_fd: int, preloaded: dict):
+    """Entry point of the executor child (see purity.py for why it may run programs back to
+    back). Reads one JSON-encoded program per line on stdin, answers one line each. Never
+    returns."""
+    try:
+        jail.enter(jail.devnull_fd, reply_fd, EXECUTOR_CPU_S, stdin_fd=request_fd)
+    except BaseException:
+        _exit(1)
+    os.environ.clear()
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                _exit(0)  # the zygote closed our stdin: retired
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        tree = pure_tree(json.loads(line))
+        if tree is None:
+            _write(RESULT_FD, FORK_INSTEAD)
+            continue
+        status, value = run_program(tree, preloaded)
+        # a MemoryError may come from what earlier programs left in this heap: retry fresh
+        _write(RESULT_FD, FORK_INSTEAD if status == "memory" else encode_result(status, value))

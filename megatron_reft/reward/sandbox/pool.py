@@ -60,6 +60,9 @@ class SandboxConfig:
     memory_mb: int = 512              # address space a program may add to the interpreter's
     output_limit_bytes: int = 256 << 10  # stdout+stderr per program before it is killed
     children_per_worker: int = 16     # programs one worker runs at the same time
+    fast_path_budget_s: float = 0.05  # statically pure programs share a jailed executor for
+                                      # up to this long each (then they fork); 0 disables
+    executor_max_programs: int = 5_000  # then the executor is replaced
     max_programs_per_worker: int = 20_000  # then the worker is replaced
     preload: tuple = DEFAULT_PRELOAD
     heavy_modules: tuple = HEAVY_MODULES  # programs naming these go to heavy workers
@@ -69,7 +72,7 @@ class SandboxConfig:
                                       # program starves and times out: load becomes reward noise
     max_open_files: int = 64
     max_program_chars: int = 100_000
-    grace_s: float = 3.0              # backstop beyond timeout_s before a worker is presumed stuck
+    grace_s: float = 5.0              # backstop beyond timeout_s before a worker is presumed stuck
     startup_timeout_s: float = 60.0
     require_isolation: bool = False   # refuse to start unless every mechanism is in force
 
@@ -80,6 +83,9 @@ class SandboxConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"sandbox.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.fast_path_budget_s < 0 or self.executor_max_programs < 1:
+            raise ValueError("sandbox.fast_path_budget_s must be >= 0 and "
+                             "sandbox.executor_max_programs >= 1")
         if self.heavy_workers < 0:
             raise ValueError(f"sandbox.heavy_workers must be >= 0, got {self.heavy_workers!r}")
         if not 0 <= self.nice <= 19:
@@ -105,7 +111,9 @@ class _Worker:
                       "preload": list(preload),
                       "output_limit_bytes": config.output_limit_bytes,
                       "memory_mb": config.memory_mb, "sandbox_uid": config.sandbox_uid,
-                      "nice": config.nice, "max_open_files": config.max_open_files}
+                      "nice": config.nice, "max_open_files": config.max_open_files,
+                      "fast_path_budget_s": config.fast_path_budget_s,
+                      "executor_max_programs": config.executor_max_programs}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-B", "-c", _BOOT, _PACKAGE_ROOT, json.dumps(worker_cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_WORKER_ENV, cwd="/",
@@ -475,6 +483,8 @@ def describe_isolation(report: dict) -> tuple[str, list[str]]:
     for check in ("fork", "socket", "write_tmp", "signal_parent"):
         if checks.get(check) == "ALLOWED":
             missing.append(f"{check} still allowed")
+    if report.get("fast_path_budget_s"):
+        in_force.append("statically pure programs share a jailed executor, others fork")
     summary = "sandbox isolation: " + "; ".join(in_force)
     if missing:
         summary += "; MISSING: " + ", ".join(missing)

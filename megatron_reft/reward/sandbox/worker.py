@@ -34,6 +34,7 @@ import time
 from . import jail as jail_mod
 from . import kernel
 from . import prepare
+from .fastpath import FastLane
 
 _STATUS_RE = re.compile(r"(ok|memory|error:[A-Za-z_][A-Za-z0-9_]{0,63})\Z")
 
@@ -171,6 +172,7 @@ class Zygote:
             modules=len(sys.modules),
             torch_loaded="torch" in sys.modules,
             address_space_mb=jail.base_address_space >> 20,
+            fast_path_budget_s=float(self.cfg["fast_path_budget_s"]),
         )}
 
     # -- main loop
@@ -186,7 +188,12 @@ class Zygote:
         self.poller = select.poll()
         self.poller.register(self.proto_in, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
+        self.fast = FastLane(self.jail, self.preloaded, self.poller,
+                             budget_s=float(self.cfg["fast_path_budget_s"]),
+                             max_programs=int(self.cfg["executor_max_programs"]),
+                             reply=self._reply, fork=self.queue.append, verdict=verdict_for)
         while True:
+            self.fast.feed()
             self._start_children()
             for fd, _ in self.poller.poll(self._poll_timeout_ms()):
                 if fd == self.proto_in:
@@ -194,6 +201,8 @@ class Zygote:
                 elif fd == wake_r:
                     _read_available(wake_r, 1 << 16)
                     self._reap()
+                elif fd == self.fast.reply_fd:
+                    self.fast.on_readable()
                 else:
                     self._drain_output(self.by_out_fd.get(fd))
             self._enforce_deadlines()
@@ -201,6 +210,8 @@ class Zygote:
 
     def _poll_timeout_ms(self):
         deadlines = [c.deadline for c in self.running.values() if c.verdict is None]
+        if self.fast.deadline is not None:
+            deadlines.append(self.fast.deadline)
         if not deadlines:
             return None if not self.running else 50  # killed ones: SIGCHLD will wake us
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -214,8 +225,8 @@ class Zygote:
         for line in lines:
             if line.strip():
                 request = json.loads(line)
-                self.queue.append((int(request["id"]), str(request["code"]),
-                                   float(request["timeout"])))
+                self.fast.submit((int(request["id"]), str(request["code"]),
+                                  float(request["timeout"])))
 
     def _start_children(self):
         while self.queue and len(self.running) < self.max_children:
@@ -260,6 +271,7 @@ class Zygote:
 
     def _enforce_deadlines(self):
         now = time.monotonic()
+        self.fast.enforce(now)
         for child in self.running.values():
             if child.verdict is None and now >= child.deadline:
                 self._kill(child, "timeout")
@@ -282,6 +294,8 @@ class Zygote:
             child = self.running.pop(pid, None)
             if child is not None:
                 self._finish(child, status)
+            else:
+                self.fast.on_exit(pid)
 
     def _finish(self, child, wait_status):
         if child.out_fd in self.by_out_fd:
@@ -292,8 +306,10 @@ class Zygote:
         os.close(child.out_fd)
         raw = _read_available(child.result_fd, jail_mod.MAX_RESULT_BYTES + 1)
         os.close(child.result_fd)
-        status, value = verdict_for(child.verdict, wait_status, raw)
-        self.replies.append({"id": child.rid, "status": status, "value": value})
+        self._reply(child.rid, *verdict_for(child.verdict, wait_status, raw))
+
+    def _reply(self, rid, status, value):
+        self.replies.append({"id": rid, "status": status, "value": value})
 
     def _flush_replies(self):
         if self.replies:
