@@ -45,6 +45,9 @@ IMPURE = [
     program("return '{}'.format(1)"),
     program("return type(1)"),
     program("return dict(**{})"),
+    program("math = [1]", "math.append(2)", "return 1"),     # math rebound: not the module
+    program("from math import floor as math", "return math.__name__"),
+    program("import math as m", "return m.pi"),
     program("global x", "x = 1", "return x"),
     program("try:", "    return 1", "except Exception:", "    return 2"),
     "x = 1\n" + program("return 1"),                        # module-level statements

@@ -58,7 +58,10 @@ def _pure_module(tree: ast.Module) -> bool:
     if (function.name != "solution" or function.decorator_list or function.returns
             or args.args or args.posonlyargs or args.kwonlyargs or args.vararg or args.kwarg):
         return False
-    local_names = _assigned_names(function) | {"math"}
+    assigned = _assigned_names(function)
+    if "math" in assigned:  # `math.x` below must mean the module: it may not be rebound
+        return False
+    local_names = assigned | {"math"}
     nodes = [n for statement in function.body for n in ast.walk(statement)]
     return all(_allowed(node, local_names) for node in nodes)
 
@@ -77,9 +80,10 @@ def _assigned_names(function: ast.FunctionDef) -> set:
     for node in ast.walk(function):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        elif isinstance(node, ast.ImportFrom) or (isinstance(node, ast.Import)
+                                                  and any(a.asname for a in node.names)):
             names |= {(alias.asname or alias.name) for alias in node.names}
-    return names
+    return names  # (a plain `import math` binds math to itself: not a rebinding)
 
 
 def _allowed(node, local_names: set) -> bool:
