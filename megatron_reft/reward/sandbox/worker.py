@@ -11,12 +11,15 @@ environment. Three roles, top to bottom:
   trainer on stdin: for each program it forks a child, enforces wall time and output size,
   reaps it and answers with a validated {id, status, value} line on stdout.
 * child: locks itself down (jail.py), runs the program, writes one JSON line, exits.
+* executor (fastpath.py): one long-lived jailed child that runs statically pure programs
+  (purity.py) back to back; anything else, or anything slow, gets its own child.
 
 Why fork per program rather than running programs inside a locked-down worker: a fork of
-the warm zygote costs ~1.7 ms of CPU per program all included (907 programs/s on 2 cores,
-against ~20 ms for a fresh interpreter), gives every program a pristine interpreter (a
-program that rebinds math.pi cannot poison the next one's reward), and lets the zygote kill
-a stuck program without losing its warm state. Measurements in docs/benchmarks.md.
+the warm zygote costs ~1.9 ms of CPU per program all included (~800-1,000 programs/s on 2
+cores, against ~22 ms for a fresh interpreter), gives every program a pristine interpreter
+(a program that rebinds math.pi cannot poison the next one's reward), and lets the zygote
+kill a stuck program without losing its warm state. Programs that provably cannot change
+anything skip the fork (~0.2 ms each). Measurements in docs/benchmarks.md.
 
 Only the standard library and the sandbox's own modules are imported here: the zygote's size
 is what every fork pays for.
