@@ -104,3 +104,17 @@ def test_mathqa_choice_rewards(pcot_scorer):
     results = pcot_scorer.score(programs, golds, ["choice"] * 5, [i["question"] for i in items])
     assert [r.extracted for r in results] == golds
     assert [r.reward for r in results] == [1.0] * 5
+
+
+@needs_data
+def test_fork_path_gives_the_same_rewards_as_the_fast_lane(pcot_scorer):
+    """The gold programs are all statically pure, so the test above runs them in the fast
+    lane; the fork-per-program path must agree on them."""
+    items = load("svamp_python_sdp.json")[::10]
+    args = ([i["answer_cot"] for i in items], [i["answer_value"] for i in items],
+            ["number"] * len(items))
+    config = RewardConfig(cot_type="pcot", num_workers=2, fast_path=False)
+    with RewardScorer(config) as fork_only:
+        assert fork_only.score(*args) == pcot_scorer.score(*args)
+        assert "others fork" not in fork_only.isolation_summary
+    assert "others fork" in pcot_scorer.isolation_summary

@@ -36,6 +36,7 @@ class RewardConfig:
     memory_mb: int = 512
     children_per_worker: int = 16
     heavy_workers: int = 1
+    fast_path: bool = True          # statically pure programs share a jailed executor
     require_isolation: bool = False
 
     def __post_init__(self):
@@ -55,6 +56,7 @@ class RewardConfig:
         return SandboxConfig(num_workers=self.num_workers, timeout_s=self.timeout_s,
                              memory_mb=self.memory_mb, heavy_workers=self.heavy_workers,
                              children_per_worker=self.children_per_worker,
+                             fast_path_budget_s=0.05 if self.fast_path else 0.0,
                              require_isolation=self.require_isolation)
 
 
