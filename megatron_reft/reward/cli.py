@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parse numbers like the reference's float()")
     parser.add_argument("--mcq-partial-reward", action="store_true",
                         help="the reference's MCQ rule: every wrong letter gets the partial reward")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="fork every program, statically pure ones included (pcot)")
     return parser
 
 
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
         config = RewardConfig(cot_type=args.cot, partial_reward=args.partial_reward,
                               tolerance=args.tolerance, strict_numbers=args.strict_numbers,
                               mcq_partial_reward=args.mcq_partial_reward, timeout_s=args.timeout,
-                              num_workers=args.workers)
+                              num_workers=args.workers, fast_path=not args.no_fast_path)
         records = read_records(args.data)
         items = _items_to_score(records, args)
     except (OSError, ValueError) as err:
