@@ -330,7 +330,8 @@ class SandboxPool:
             if self._on_lost is not None:
                 self._on_lost(rid)
 
-    _on_lost = None  # set by the running batch: how to report programs of a failed worker
+    _on_lost = None    # set by the running batch: how to report programs of a failed worker
+    _on_result = None  # and how to report an answer
 
     def _check_health(self):
         now = time.monotonic()
@@ -338,7 +339,10 @@ class SandboxPool:
             if worker.ready is None and now - worker.started > self.config.startup_timeout_s:
                 self._fail(worker, "did not start in time")
             elif worker.outstanding and now > min(worker.outstanding.values()):
-                self._fail(worker, "missed a deadline")
+                self._read(worker, self._on_result)  # answers may be waiting: we were away
+                if (not worker.dead and worker.outstanding
+                        and now > min(worker.outstanding.values())):
+                    self._fail(worker, "missed a deadline")
             elif (worker.programs >= self.config.max_programs_per_worker
                   and not worker.outstanding):
                 self._replace(worker, "retired")
@@ -364,14 +368,14 @@ class _Batch:
 
     def run(self) -> list[ProgramResult]:
         pool = self.pool
-        pool._on_lost = self._lost
+        pool._on_lost, pool._on_result = self._lost, self._done
         try:
             while self.remaining:
                 self._dispatch()
                 pool._pump(self._wait_s(), on_result=self._done)
                 pool._check_health()
         finally:
-            pool._on_lost = None
+            pool._on_lost = pool._on_result = None
         return self.results
 
     def _done(self, rid: int, result: ProgramResult):

@@ -275,6 +275,8 @@ class Zygote:
     def _enforce_deadlines(self):
         now = time.monotonic()
         self.fast.enforce(now)
+        if any(c.verdict is None and now >= c.deadline for c in self.running.values()):
+            self._reap()  # one that exited while we were descheduled did not time out
         for child in self.running.values():
             if child.verdict is None and now >= child.deadline:
                 self._kill(child, "timeout")
