@@ -22,7 +22,8 @@ def _config(base: str | None, out: Path, stage: str, overrides: list[str]):
     return load_config(base or DEMO_CONFIG, [f"trainer.output_dir={out / stage}"] + overrides)
 
 
-def _greedy_eval(config, ckpt: Path) -> float:
+def _greedy_eval(config, ckpt: Path) -> tuple[float, int]:
+    """(held-out greedy accuracy, number of held-out items)."""
     from megatron_reft.checkpoint.io import load_checkpoint
     from megatron_reft.evaluation.run import greedy_accuracy, make_scorer
     from megatron_reft.sft.trainer import build_engine
@@ -33,7 +34,7 @@ def _greedy_eval(config, ckpt: Path) -> float:
     load_checkpoint(ckpt, engine.module)
     with make_scorer(config) as scorer:
         accuracy, _ = greedy_accuracy(engine, data.tokenizer, data.eval, config, scorer)
-    return accuracy
+    return accuracy, len(data.eval)
 
 
 def _latest(run_dir: Path) -> Path:
@@ -67,7 +68,7 @@ def run_demo(out: Path, base_config: str | None = None, overrides: list[str] = (
 
     runtime.print0("== 2/4 warm-up accuracy")
     eval_config = _config(base_config, out, "eval", list(overrides) + tokenizer)
-    warmup_accuracy = _greedy_eval(eval_config, warmup_ckpt)
+    warmup_accuracy, eval_items = _greedy_eval(eval_config, warmup_ckpt)
     runtime.print0(f"warm-up held-out accuracy: {warmup_accuracy:.3f}")
 
     runtime.print0("== 3/4 ReFT PPO")
@@ -85,13 +86,13 @@ def run_demo(out: Path, base_config: str | None = None, overrides: list[str] = (
                       f"trainer.max_seconds={seconds['ppo']:.1f}", "trainer.max_steps=100000"])
     run_sft(cont)
     seconds["sft_continued"] = time.perf_counter() - t0
-    sft_continued_accuracy = _greedy_eval(eval_config, _latest(out / "sft_continued"))
+    sft_continued_accuracy, _ = _greedy_eval(eval_config, _latest(out / "sft_continued"))
 
     summary = {"warmup_accuracy": warmup_accuracy, "reft_accuracy": reft_accuracy,
                "sft_continued_accuracy": sft_continued_accuracy,
                "reft_minus_warmup": None if reft_accuracy is None else reft_accuracy - warmup_accuracy,
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
-               "eval_items": len(runtime.load_data(eval_config, need_train=False).eval)}
+               "eval_items": eval_items}
     if runtime.rank() == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         from megatron_reft.report import write_report
