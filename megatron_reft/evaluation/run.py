@@ -15,13 +15,16 @@ import torch.distributed as dist
 from megatron_reft import runtime
 
 
-def response_text(tokenizer, record, response_tokens: list[int], cot_type: str) -> str:
-    """What the scorer reads: the decoded response (EOS dropped); for P-CoT the whole program,
-    i.e. the pre-filled header plus the body the policy wrote (reft.md §2)."""
+def response_text(tokenizer, record, response_tokens: list[int], cot_type: str,
+                  prompt_tokens: list[int]) -> str:
+    """What the scorer reads: the text the response adds after the prompt it was generated
+    from (EOS dropped), exactly as decoding prompt + response shows it (the reference's way;
+    decoding the response alone drops a Llama tokenizer's first space); for P-CoT the whole
+    program, i.e. the pre-filled header plus the body the policy wrote (reft.md §2)."""
     from megatron_reft.data import full_program
 
     ids = [t for t in response_tokens if t != tokenizer.eos_id]
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode_continuation(prompt_tokens, ids)
     return full_program(record, text) if cot_type == "pcot" else text
 
 
@@ -61,7 +64,7 @@ def greedy_accuracy(engine, tokenizer, records: list, config, scorer, batch_size
         params = SamplingParams(max_new_tokens=d.max_total_length - min(len(p) for p in chunk),
                                 greedy=True, max_total_length=d.max_total_length)
         out = generate(engine, chunk, tokenizer.eos_id, params)
-        texts = [response_text(tokenizer, r, toks, d.cot_type) for r, toks in zip(recs, out.tokens)]
+        texts = [response_text(tokenizer, r, toks, d.cot_type, p) for r, toks, p in zip(recs, out.tokens, chunk)]
         results = scorer.score(texts, [r.answer for r in recs], [r.answer_type for r in recs])
         predictions += [{"id": r.id, "response": t, "extracted": s.extracted, "status": s.status,
                          "correct": bool(s.correct), "reward": s.reward, "answer": r.answer}

@@ -153,7 +153,8 @@ class PPOTrainer:
                                params, seed=seed + 7919 * start)
                 responses += out.tokens
                 finished += out.finished
-        texts = [response_text(self.data.tokenizer, r, toks, d.cot_type) for r, toks in zip(records, responses)]
+        texts = [response_text(self.data.tokenizer, r, toks, d.cot_type, prompt)
+                 for r, toks, prompt in zip(records, responses, prompts)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],
                                                 [r.answer_type for r in records])
         batch = build_rollout_batch(prompts, responses, finished, self.data.tokenizer.pad_id)
