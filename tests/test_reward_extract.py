@@ -106,7 +106,10 @@ def test_reward_values():
     assert judge("c", "c", "choice", cfg).reward == 1.0
     assert judge("b", "c", "choice", cfg).reward == 0.0
     assert judge("b", "c", "choice", RewardConfig(mcq_partial_reward=True)).reward == 0.1
-    assert judge(None, "c", "choice", RewardConfig(mcq_partial_reward=True)).reward == 0.0
+    # ... to every non-correct answer, extracted or not (its MCQ rewards are always 0.1 or 1)
+    assert judge(None, "c", "choice", RewardConfig(mcq_partial_reward=True)).reward == 0.1
+    assert judge(None, "c", "choice", cfg).reward == 0.0
+    assert judge(None, "72", "number", RewardConfig(mcq_partial_reward=True)).reward == 0.0
 
 
 def test_ncot_scorer_end_to_end():

@@ -7,9 +7,9 @@ least extracted, 0.0 when nothing could be extracted (reft.md §3).
     scorer.close()
 
 Partial reward, by default, only on numeric datasets (the paper); `mcq_partial_reward=True`
-reproduces the reference code, which also gives it to every wrong multiple-choice letter - a
-policy can then collect 0.1 by always answering some letter, the reward hacking the paper
-reports on MathQA-MCQ.
+reproduces the reference code, which gives it to EVERY non-correct multiple-choice answer - a
+wrong letter, no letter, a crashed program (its answer text is never empty there: "none" for a
+crash) - so MathQA-MCQ rewards are always 0.1 or 1: the reward hacking the paper reports.
 """
 from __future__ import annotations
 
@@ -72,17 +72,21 @@ class ScoreResult:
 def reward_for(correct: bool, extracted: bool, answer_type: str, config: RewardConfig) -> float:
     if correct:
         return 1.0
-    if not extracted:
-        return 0.0
-    if answer_type == "choice" and not config.mcq_partial_reward:
-        return 0.0
-    return config.partial_reward
+    if answer_type == "choice":
+        # The reference's MCQ quirk (reft.md §3): every non-correct answer, extracted or not.
+        return config.partial_reward if config.mcq_partial_reward else 0.0
+    return config.partial_reward if extracted else 0.0
+
+
+def no_answer(status: str, answer_type: str, config: RewardConfig) -> ScoreResult:
+    """Nothing extracted ("none"), or the program failed (the sandbox's status)."""
+    return ScoreResult(reward_for(False, False, answer_type, config), None, False, status)
 
 
 def judge(answer, gold: str, answer_type: str, config: RewardConfig) -> ScoreResult:
     """Compare an extracted answer (float for numbers, letter for choices, None) with gold."""
     if answer is None:
-        return ScoreResult(0.0, None, False, "none")
+        return no_answer("none", answer_type, config)
     if answer_type == "choice":
         correct = answer == _gold_letter(gold)
         extracted = answer
@@ -172,7 +176,7 @@ class RewardScorer:
         results = []
         for i, run in enumerate(runs):
             if run.status != "ok":
-                results.append(ScoreResult(0.0, None, False, run.status))
+                results.append(no_answer(run.status, answer_types[i], self.config))
                 continue
             question = questions[i] if questions is not None else None
             answer = self._program_answer(run.value, answer_types[i], question)
