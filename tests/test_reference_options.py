@@ -73,3 +73,71 @@ def test_mcq_pcot_reference_rewards_on_real_items(mathqa):
         # Numeric items keep the paper's rule even in this mode: a crash earns nothing.
         crash = scorer.score(["def solution():\n    return 1 / 0"], ["3"], ["number"])
         assert crash[0].reward == 0.0
+
+
+# ------------------------------------------------------------------ Galactica: no EOS defined
+
+TEXTS = ["Question:\nTom has 3 apples. How many?\nAnswer reasoning:\n",
+         "def solution():\n    apples = 3\n    result = apples\n    return result"] * 20
+
+
+def galactica_like_tokenizer(directory: Path) -> Path:
+    """Byte-level BPE with OPT's special tokens <s>=0, <pad>=1, </s>=2, <unk>=3 and, like
+    Galactica's HF tokenizer, neither EOS nor pad declared."""
+    import tokenizer_kinds
+
+    tokenizer_kinds.gpt2_bytelevel_dir(TEXTS, directory, vocab_size=300, eos=False)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    assert config.get("eos_token") is None and config.get("pad_token") is None
+    return directory
+
+
+@pytest.fixture
+def sys_path_tests(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+
+
+def test_galactica_tokenizer_without_eos_uses_id_2_and_pad_1(tmp_path, caplog, sys_path_tests):
+    from megatron_reft.data import load_tokenizer
+
+    path = galactica_like_tokenizer(tmp_path / "galactica")
+    with caplog.at_level(logging.WARNING):
+        tok = load_tokenizer(str(path))
+    assert (tok.eos_id, tok.pad_id) == (2, 1)
+    assert any("defines no EOS" in r.getMessage() and "id 2" in r.getMessage() for r in caplog.records)
+    ids = tok.encode(TEXTS[1])
+    assert 2 not in ids and tok.decode(ids + [tok.eos_id]) == TEXTS[1]
+    # What a training run saves names the adopted tokens; reloading it needs no fallback.
+    tok.save(str(tmp_path / "saved"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = load_tokenizer(str(tmp_path / "saved"))
+    assert (again.eos_id, again.pad_id) == (2, 1) and not caplog.records
+
+
+def test_converting_a_galactica_checkpoint_without_eos(tmp_path, caplog, sys_path_tests):
+    from conversion_models import random_hf_model, save_hf
+
+    from megatron_reft.checkpoint.convert import hf_to_megatron
+    from megatron_reft.data import load_tokenizer
+
+    hf_dir = save_hf(random_hf_model("opt"), tmp_path / "hf")
+    galactica_like_tokenizer(hf_dir)
+    hf_to_megatron(hf_dir, tmp_path / "megatron", log=lambda *_: None)
+    with caplog.at_level(logging.WARNING):
+        tok = load_tokenizer(str(tmp_path / "megatron" / "tokenizer"))
+    assert (tok.eos_id, tok.pad_id) == (2, 1)
+    assert any("defines no EOS" in r.getMessage() for r in caplog.records)
+
+
+def test_tokenizer_without_eos_and_without_the_opt_layout_is_refused(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_reft.data import load_tokenizer
+
+    raw = RawTokenizer(models.WordLevel({"<unk>": 0, "Tom": 1, "has": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(str(tmp_path / "t"))
+    with pytest.raises(ValueError, match="no EOS token and id 2 is not '</s>'"):
+        load_tokenizer(str(tmp_path / "t"))
