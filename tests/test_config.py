@@ -283,6 +283,7 @@ def test_model_needs_a_source():
     ("data.cot_type=latex", "data.cot_type"),
     ("data.format=csv", "data.format"),
     ("data.on_malformed=ignore", "data.on_malformed"),
+    ("data.overlong_prompts=cut", "data.overlong_prompts"),
     ("optim.schedule=cosine", "optim.schedule"),
     ("model.dtype=fp8", "model.dtype"),
     ("model.use_te=maybe", "model.use_te"),

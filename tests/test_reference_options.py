@@ -141,3 +141,50 @@ def test_tokenizer_without_eos_and_without_the_opt_layout_is_refused(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(str(tmp_path / "t"))
     with pytest.raises(ValueError, match="no EOS token and id 2 is not '</s>'"):
         load_tokenizer(str(tmp_path / "t"))
+
+
+# ------------------------------------------------------------------ prompts over max_prompt_length
+
+class CharTokenizer:
+    """One id per character, so lengths are easy to reason about."""
+    eos_id = pad_id = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_overlong_prompts_truncate_like_the_reference_or_drop():
+    from megatron_reft.data import LoadReport, Record, build_rl_prompt, encode_rl_prompts
+    from megatron_reft.data.records import MalformedRecordError
+
+    records = [Record(f"svamp_{i}", "q" * length, None, "1") for i, length in enumerate((5, 80, 10, 200))]
+    full = [CharTokenizer().encode(build_rl_prompt(r, "pcot")) for r in records]
+    limit = 100  # 56 characters + the question twice (prompt and prefill): 66, 216, 76, 456
+    assert [len(ids) > limit for ids in full] == [False, True, False, True]
+
+    prompts, kept, report = encode_rl_prompts(CharTokenizer(), records, "pcot", limit, overlong="truncate",
+                                              report=LoadReport(source="train prompts"))
+    assert prompts == [ids[:limit] for ids in full]  # the reference's prefix[:max_input_length]
+    assert [r.id for r in kept] == [r.id for r in records]
+    assert (report.loaded, report.truncated, report.num_malformed) == (4, 2, 0)
+    assert "4 records kept (2 of them truncated), none rejected." in str(report)
+    assert "svamp_1: 216 prompt tokens > max_prompt_length 100" in str(report)
+
+    prompts, kept, report = encode_rl_prompts(CharTokenizer(), records, "pcot", limit)  # default: drop
+    assert prompts == [full[0], full[2]] and [r.id for r in kept] == ["svamp_0", "svamp_2"]
+    assert (report.loaded, report.truncated, dict(report.malformed)) == (2, 0, {"prompt_too_long": 2})
+    with pytest.raises(MalformedRecordError, match="svamp_1: 216 prompt tokens"):
+        encode_rl_prompts(CharTokenizer(), records, "pcot", limit, on_malformed="raise")
+    # truncation is not an error, even under on_malformed=raise
+    assert len(encode_rl_prompts(CharTokenizer(), records, "pcot", limit, "raise", overlong="truncate")[0]) == 4
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        encode_rl_prompts(CharTokenizer(), records, "pcot", limit, overlong="cut")
+
+
+def test_the_paper_recipes_truncate_prompts():
+    from megatron_reft.config import load_config
+    from megatron_reft.config.schema import Config
+
+    assert Config().data.overlong_prompts == "drop"
+    reft_ppo = Path(__file__).resolve().parents[1] / "configs" / "reft_ppo.yaml"
+    assert load_config(str(reft_ppo)).data.overlong_prompts == "truncate"

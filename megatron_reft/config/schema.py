@@ -42,6 +42,7 @@ class DataSection:
     on_malformed: str = "report"  # report | raise
     max_length: int = 1024  # SFT: prompt + target tokens (reft.md §5)
     max_prompt_length: int = 300  # RL prompt limit (reft.md §5)
+    overlong_prompts: str = "drop"  # drop | truncate (the reference: keep the first max_prompt_length tokens)
     max_total_length: int = 700  # RL prompt + response limit (reft.md §5)
     max_eval_items: Optional[int] = None
     synthetic_train_items: int = 2000

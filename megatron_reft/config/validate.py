@@ -12,6 +12,7 @@ from megatron_reft.models.families import ModelConfig
 CHOICES = {
     "data.cot_type": ("ncot", "pcot"),
     "data.on_malformed": ("report", "raise"),
+    "data.overlong_prompts": ("drop", "truncate"),
     "data.format": ("auto", "mwp_reft", "gsm8k", "jsonl", "hf"),
     "optim.schedule": ("linear", "constant"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),

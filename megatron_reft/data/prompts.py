@@ -17,6 +17,7 @@ COT_TRIGGER = "\nAnswer reasoning:\n"
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
 PROGRAM_HEADER = "def solution():\n"
 COT_TYPES = ("ncot", "pcot")
+OVERLONG_PROMPT_POLICIES = ("drop", "truncate")
 
 
 def check_cot_type(cot_type: str) -> None:
@@ -116,18 +117,30 @@ def encode_sft_records(tokenizer, records: list[Record], cot_type: str, max_leng
 
 
 def encode_rl_prompts(tokenizer, records: list[Record], cot_type: str, max_prompt_length: int,
-                      on_malformed: str = "report", report: LoadReport | None = None
-                      ) -> tuple[list[list[int]], list[Record], LoadReport]:
-    """encode_rl_prompt over a dataset (reference: prompt <= 300 tokens, reft.md §5)."""
+                      on_malformed: str = "report", report: LoadReport | None = None,
+                      overlong: str = "drop") -> tuple[list[list[int]], list[Record], LoadReport]:
+    """encode_rl_prompt over a dataset (reference: prompt <= 300 tokens, reft.md §5).
+
+    A prompt over max_prompt_length is dropped (`overlong="drop"`: counted as prompt_too_long,
+    or raised under on_malformed="raise") or, as the reference does, truncated to its first
+    max_prompt_length tokens (`"truncate"`: kept, counted in report.truncated). A truncated
+    P-CoT prompt loses its prefill's tail; the scorer still prepends the whole header.
+    """
     check_policy(on_malformed)
+    if overlong not in OVERLONG_PROMPT_POLICIES:
+        raise ValueError(f"overlong must be one of {OVERLONG_PROMPT_POLICIES}, got {overlong!r}")
     report = report or LoadReport(source="rl-prompt-encoding")
     prompts, kept = [], []
     for index, record in enumerate(records):
-        try:
-            prompts.append(encode_rl_prompt(tokenizer, record, cot_type, max_prompt_length))
-        except OverlongError as error:
-            report.reject(index, "prompt_too_long", f"{record.id}: {error}", on_malformed)
-            continue
+        ids = encode_rl_prompt(tokenizer, record, cot_type)
+        if len(ids) > max_prompt_length:
+            detail = f"{record.id}: {len(ids)} prompt tokens > max_prompt_length {max_prompt_length}"
+            if overlong == "drop":
+                report.reject(index, "prompt_too_long", detail, on_malformed)
+                continue
+            report.truncate(index, detail)
+            ids = ids[:max_prompt_length]
+        prompts.append(ids)
         kept.append(record)
     report.loaded = len(prompts)
     report.warn_if_malformed()

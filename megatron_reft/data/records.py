@@ -91,6 +91,7 @@ class LoadReport:
     loaded: int = 0
     malformed: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    truncated: int = 0  # kept, but cut to a length limit (data.overlong_prompts=truncate)
 
     @property
     def num_malformed(self) -> int:
@@ -106,16 +107,26 @@ class LoadReport:
         if len(shown) < MAX_EXAMPLES_PER_REASON:
             shown.append(f"record {index}: {detail}")
 
+    def truncate(self, index: int, detail: str) -> None:
+        """Count one record kept but cut to the length limit."""
+        self.truncated += 1
+        shown = self.examples.setdefault("truncated", [])
+        if len(shown) < MAX_EXAMPLES_PER_REASON:
+            shown.append(f"record {index}: {detail}")
+
     def warn_if_malformed(self) -> None:
-        if self.num_malformed:
+        if self.num_malformed or self.truncated:
             logger.warning(str(self))
 
     def __str__(self) -> str:
         text = f"{self.source} ({self.fmt or 'unknown format'}): {self.loaded} records kept"
-        if not self.num_malformed:
-            return text + ", none rejected."
-        reasons = ", ".join(f"{reason} {count}" for reason, count in self.malformed.most_common())
-        text += f", {self.num_malformed} rejected ({reasons})."
+        if self.truncated:
+            text += f" ({self.truncated} of them truncated)"
+        if self.num_malformed:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in self.malformed.most_common())
+            text += f", {self.num_malformed} rejected ({reasons})."
+        else:
+            text += ", none rejected."
         for reason, shown in self.examples.items():
             text += f" {reason}, e.g. " + "; ".join(shown) + "."
         return text

@@ -57,7 +57,8 @@ def greedy_accuracy(engine, tokenizer, records: list, config, scorer, batch_size
     d = config.data
     dp_rank, dp_size = runtime.dp_rank_and_size()
     mine = [records[i] for i in eval_shard(len(records), dp_rank, dp_size)]
-    prompts, kept, _ = encode_rl_prompts(tokenizer, mine, d.cot_type, d.max_prompt_length, "report")
+    prompts, kept, _ = encode_rl_prompts(tokenizer, mine, d.cot_type, d.max_prompt_length, "report",
+                                         overlong=d.overlong_prompts)
     predictions = []
     for start in range(0, len(prompts), batch_size):
         chunk, recs = prompts[start:start + batch_size], kept[start:start + batch_size]

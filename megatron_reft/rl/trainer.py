@@ -98,11 +98,15 @@ class PPOTrainer:
         self._load_weights()
 
     def _prepare_prompts(self) -> None:
-        from megatron_reft.data import ResumableBatchSampler, encode_rl_prompts
+        from megatron_reft.data import LoadReport, ResumableBatchSampler, encode_rl_prompts
 
         d, t = self.config.data, self.config.trainer
-        self.prompts, self.records, _ = encode_rl_prompts(
-            self.data.tokenizer, self.data.train, d.cot_type, d.max_prompt_length, d.on_malformed)
+        self.prompts, self.records, report = encode_rl_prompts(
+            self.data.tokenizer, self.data.train, d.cot_type, d.max_prompt_length, d.on_malformed,
+            LoadReport(source="train prompts", fmt=f"max_prompt_length {d.max_prompt_length}, "
+                                                   f"overlong_prompts={d.overlong_prompts}"),
+            overlong=d.overlong_prompts)
+        runtime.print0(f"train prompts: {report}")
         dp_rank, dp_size = runtime.dp_rank_and_size()
         self.sampler = ResumableBatchSampler(len(self.prompts), self.config.ppo.rollout_batch_size,
                                              dp_rank, dp_size, seed=t.seed)
