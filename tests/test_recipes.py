@@ -95,7 +95,7 @@ def test_recipes_carry_the_reference_settings(name, tmp_path):
     assert train_file == f"data/{dataset}_{'nl' if cot == 'ncot' else 'python_sdp'}.json"
     if stage == "sft":
         assert (o.lr, o.schedule, o.warmup_fraction) == (2e-5 if small else 1e-5, "linear", 0.1)
-        assert (t.global_batch_size, d.max_length) == (48, 1024)
+        assert (t.global_batch_size, d.max_length, d.overlong_prompts) == (48, 1024, "truncate")
         assert (t.epochs, o.planned_epochs) == _paper_sft_epochs(model, dataset, cot)
     else:
         assert (o.lr, o.schedule) == (3e-6 if small else 3e-7, "constant")
