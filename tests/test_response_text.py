@@ -195,14 +195,25 @@ def test_decode_continuation_falls_back_to_the_whole_prompt_when_the_context_dec
     assert tok.decode_continuation([], body) == "a\n    b = 1"
 
 
-def test_wrapper_loads_llama_tokenizers_alike(tokenizers, svamp):
-    """Our wrapper over the SentencePiece .model and over the HF Llama directory: same ids for
-    every SVAMP prompt and program (no BOS, no EOS added), same EOS, same decoded text."""
+def test_wrapper_loads_llama_tokenizers_alike(tokenizers, svamp, tmp_path):
+    """Our wrapper over the SentencePiece .model, over the HF Llama directory (tokenizer.json)
+    and over an older-style directory with only tokenizer.model + tokenizer_config.json (which
+    transformers converts on load): same ids for every SVAMP prompt and program (no BOS, no
+    EOS added), same EOS, same decoded text."""
+    import shutil
+
+    from megatron_reft.data import load_tokenizer
+
     spm_tok, hf_tok = tokenizers["llama-sentencepiece"], tokenizers["llama-hf"]
-    assert (spm_tok.kind, hf_tok.kind) == ("sentencepiece", "hf")
-    assert (spm_tok.eos_id, hf_tok.eos_id, spm_tok.vocab_size, hf_tok.vocab_size) == (2, 2, 2000, 2000)
+    shutil.copyfile(spm_tok.path, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "legacy": True}))
+    converted = load_tokenizer(str(tmp_path))
+    assert (spm_tok.kind, hf_tok.kind, converted.kind) == ("sentencepiece", "hf", "hf")
+    assert {(t.eos_id, t.vocab_size) for t in (spm_tok, hf_tok, converted)} == {(2, 2000)}
     for record in svamp["pcot"]:
         for text in (build_rl_prompt(record, "pcot"), record.cot):
             ids = spm_tok.encode(text)
-            assert hf_tok.encode(text) == ids and ids[0] != 1, record.id
-            assert hf_tok.decode(ids) == spm_tok.decode(ids) == text
+            assert hf_tok.encode(text) == converted.encode(text) == ids and ids[0] != 1, record.id
+            assert hf_tok.decode(ids) == converted.decode(ids) == spm_tok.decode(ids) == text
