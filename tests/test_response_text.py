@@ -217,3 +217,26 @@ def test_wrapper_loads_llama_tokenizers_alike(tokenizers, svamp, tmp_path):
             ids = spm_tok.encode(text)
             assert hf_tok.encode(text) == converted.encode(text) == ids and ids[0] != 1, record.id
             assert hf_tok.decode(ids) == converted.decode(ids) == spm_tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("class_name", ["LlamaTokenizer", "LlamaTokenizerFast"])
+def test_hf_llama_classes_read_responses_exactly(class_name, tokenizers, svamp, tmp_path):
+    """transformers' Llama tokenizer classes straight from the SentencePiece model (in
+    transformers 5 both names are one tokenizers-backed class; in 4.x LlamaTokenizer is the
+    slow, sentencepiece-backed one): their decoder strips the leading space of a sequence, and
+    decode_continuation still gives the program body exactly."""
+    import shutil
+
+    import transformers
+
+    from megatron_reft.data import Tokenizer
+
+    shutil.copyfile(tokenizers["llama-sentencepiece"].path, tmp_path / "tokenizer.model")
+    tok = Tokenizer(getattr(transformers, class_name).from_pretrained(str(tmp_path)), "hf", str(tmp_path))
+    for record in svamp["pcot"][:300]:
+        prompt_ids = encode_rl_prompt(tok, record, "pcot")
+        body = program_body(record.cot)
+        response = policy_continuation(tok, build_rl_prompt(record, "pcot"), prompt_ids, body)
+        assert tok.decode(response) == body[1:]  # decoded alone: one space short
+        assert response_text(tok, record, response + [tok.eos_id], "pcot", prompt_ids) == \
+            pcot_prefill(record.question) + body, record.id
