@@ -123,7 +123,12 @@ def test_converting_a_galactica_checkpoint_without_eos(tmp_path, caplog, sys_pat
 
     hf_dir = save_hf(random_hf_model("opt"), tmp_path / "hf")
     galactica_like_tokenizer(hf_dir)
-    hf_to_megatron(hf_dir, tmp_path / "megatron", log=lambda *_: None)
+    lines = []
+    with caplog.at_level(logging.WARNING):
+        hf_to_megatron(hf_dir, tmp_path / "megatron", log=lines.append)
+    assert "tokenizer: hf, vocabulary 300, EOS id 2, pad id 1" in lines
+    assert any("defines no EOS" in r.getMessage() for r in caplog.records)
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         tok = load_tokenizer(str(tmp_path / "megatron" / "tokenizer"))
     assert (tok.eos_id, tok.pad_id) == (2, 1)

@@ -115,6 +115,8 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
         _write_hf_side(hf_dir, tmp, family.hf_extras(reader.get))
         if not copy_tokenizer(hf_dir, tmp / "tokenizer"):
             log(f"warning: no tokenizer files in {hf_dir}; the checkpoint has no tokenizer/")
+        else:
+            _log_tokenizer_ids(tmp / "tokenizer", log)
         (tmp / "conversion.json").write_text(json.dumps({
             "source": str(hf_dir.resolve()), "format": reader.format, "dtype": str(dtype).split(".")[-1],
             "tensor_parallel": tp, "pipeline_parallel": pp,
@@ -209,6 +211,20 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: torch.dtype | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _log_tokenizer_ids(directory: Path, log) -> None:
+    """One line with the EOS/pad ids training will use (Galactica's tokenizer defines no EOS: the
+    loader then takes id 2, as the reference does); a tokenizer training cannot use is reported,
+    not fatal - the weights convert either way."""
+    from megatron_reft.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(str(directory))
+    except (ValueError, OSError) as error:
+        log(f"warning: tokenizer: {error}")
+        return
+    log(f"tokenizer: {tok.kind}, vocabulary {tok.vocab_size}, EOS id {tok.eos_id}, pad id {tok.pad_id}")
 
 
 def _hf_side(ckpt: Path, source, family, log) -> dict:
