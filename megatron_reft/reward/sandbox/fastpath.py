@@ -1,5 +1,5 @@
 """The zygote's fast lane: statically pure programs (purity.py) run back to back in one
-long-lived executor child that entered the same jail as any forked child.
+long-lived executor child (executor.py) that entered the same jail as any forked child.
 
 Every program still gets its own wall-clock limit, and the fast lane only ever *declines*:
 a program that the executor finds impure, that runs longer than `budget_s` (50 ms by
@@ -20,9 +20,17 @@ import signal
 import time
 
 from . import jail as jail_mod
+from .executor import executor_main
 
 DEPTH = 8                  # programs written ahead to the executor
 PIPE_BYTES = 60_000        # bytes in flight stay under the pipe's 64 KiB: writes never block
+# Back-off, not switch-off: after DEATHS_BEFORE_PAUSE executors in a row died before serving
+# anything (a jail that cannot be entered, or programs that kill it at once), the next
+# PAUSE_PROGRAMS[0] programs fork; then the lane tries again, and each further death in a row
+# doubles the pause, up to PAUSE_PROGRAMS[1]. One served answer resets it. A hostile program
+# thus costs honest ones at most a pause of forks (~2 ms each), never the lane for good.
+DEATHS_BEFORE_PAUSE = 3
+PAUSE_PROGRAMS = (64, 4096)
 
 
 class FastLane:
@@ -38,14 +46,18 @@ class FastLane:
         self.head_deadline = None
         self.inbuf = b""
         self.served = 0
-        self.failed_starts = 0
+        self.deaths_in_a_row = 0   # executors that died before serving anything
+        self.paused_for = 0        # programs still to fork before the lane is tried again
 
     @property
     def deadline(self):
         return self.head_deadline if self.in_flight else None
 
     def submit(self, request):
-        if self.enabled and len(request[1].encode()) < PIPE_BYTES // 2:
+        if self.paused_for:
+            self.paused_for -= 1
+            self.fork(request)
+        elif self.enabled and len(request[1].encode()) < PIPE_BYTES // 2:
             self.queue.append(request)
         else:
             self.fork(request)
@@ -87,7 +99,7 @@ class FastLane:
         for line in lines:
             request, _ = self.in_flight.popleft()
             self.served += 1
-            self.failed_starts = 0
+            self.deaths_in_a_row = 0
             self._answer(request, line + b"\n")
             if self.in_flight:  # the next one starts now
                 self.head_deadline = time.monotonic() + min(self.budget_s,
@@ -124,7 +136,7 @@ class FastLane:
         pid = os.fork()
         if pid == 0:
             try:
-                jail_mod.executor_main(self.jail, request_r, reply_w, self.preloaded)
+                executor_main(self.jail, request_r, reply_w, self.preloaded)
             finally:
                 os._exit(1)
         os.close(request_r)
@@ -146,17 +158,19 @@ class FastLane:
     def _lost(self, died=False):
         """The executor is gone (killed by us, or `died` on its own). The program it was
         running goes to the fork path; those written behind it never started and go back to
-        the front of the queue. After three executors in a row died before serving anything
-        (say the jail cannot be entered), the lane shuts and everything forks."""
+        the front of the queue. Executors dying before serving anything pause the lane
+        (DEATHS_BEFORE_PAUSE, PAUSE_PROGRAMS)."""
         if self.in_flight:
             self.fork(self.in_flight.popleft()[0])
             self.queue.extendleft(reversed([request for request, _ in self.in_flight]))
             self.in_flight.clear()
         if died and self.pid is not None and self.served == 0:
-            self.failed_starts += 1
-            if self.failed_starts >= 3:
-                self.enabled = False
-                while self.queue:
+            self.deaths_in_a_row += 1
+            if self.deaths_in_a_row >= DEATHS_BEFORE_PAUSE:
+                doublings = self.deaths_in_a_row - DEATHS_BEFORE_PAUSE
+                self.paused_for = min(PAUSE_PROGRAMS[0] << min(doublings, 16), PAUSE_PROGRAMS[1])
+                while self.queue:  # (these count towards the pause)
+                    self.paused_for = max(0, self.paused_for - 1)
                     self.fork(self.queue.popleft())
         self._close_pipes()
 

@@ -87,9 +87,7 @@ def _pure_scopes(code: str, tree: ast.Module) -> bool:
         for name, flags in table.symbols.items():
             scope = (flags >> _SCOPE_OFF) & _SCOPE_MASK
             if scope in _GLOBAL_SCOPES and name not in allowed_globals:
-                return False
-            if name == "math" and scope not in _GLOBAL_SCOPES:
-                return False  # bound in some scope: `math` would not mean the module
+                return False  # (a local `math` can only be `import math`: _rebinds_math)
     solution_locals = {name for name, flags in solution_table.symbols.items()
                        if (flags >> _SCOPE_OFF) & _SCOPE_MASK in _LOCAL_SCOPES}
     return all(node.value.id in solution_locals for node in ast.walk(tree)
