@@ -125,7 +125,8 @@ def executor_main(jail, request_fd: int, reply_fd: int, preloaded: dict):
     # Everything the loop calls is bound here, in this frame, before any program runs.
     pure_tree, run, encode = purity.pure_tree, jail_mod.run_program, jail_mod.encode_result
     scan_string = json.decoder.scanstring  # the C decoder: no mutable decoder object involved
-    fork_instead, result_fd = jail_mod.FORK_INSTEAD, jail_mod.RESULT_FD
+    fork_instead, retire, result_fd = (jail_mod.FORK_INSTEAD, jail_mod.FORK_AND_RETIRE,
+                                       jail_mod.RESULT_FD)
     make_import = _import_factory()
     run(pure_tree(_WARM_UP), program_globals(make_import))  # any lazily created state first
     intact = integrity_check(watched_modules(), (_MATH_PUBLIC, _PURE_BUILTINS))
@@ -145,6 +146,6 @@ def executor_main(jail, request_fd: int, reply_fd: int, preloaded: dict):
         # a MemoryError may come from what earlier programs left in this heap: retry fresh
         answer = fork_instead if status == "memory" else encode(status, value)
         if not intact():
-            write(result_fd, fork_instead)
+            write(result_fd, retire)
             exit_(TAMPERED_EXIT)
         write(result_fd, answer)

@@ -54,10 +54,7 @@ class FastLane:
         return self.head_deadline if self.in_flight else None
 
     def submit(self, request):
-        if self.paused_for:
-            self.paused_for -= 1
-            self.fork(request)
-        elif self.enabled and len(request[1].encode()) < PIPE_BYTES // 2:
+        if self.enabled and len(request[1].encode()) < PIPE_BYTES // 2:
             self.queue.append(request)
         else:
             self.fork(request)
@@ -66,6 +63,9 @@ class FastLane:
         """Write queued programs to the executor (starting one if needed)."""
         if not self.enabled:
             return
+        while self.paused_for and self.queue:  # backing off: these fork
+            self.paused_for -= 1
+            self.fork(self.queue.popleft())
         while self.queue and len(self.in_flight) < DEPTH:
             request = self.queue[0]
             data = (json.dumps(request[1]) + "\n").encode()
@@ -100,6 +100,11 @@ class FastLane:
             request, _ = self.in_flight.popleft()
             self.served += 1
             self.deaths_in_a_row = 0
+            if line + b"\n" == jail_mod.FORK_AND_RETIRE:  # it saw tampering and is exiting:
+                self.fork(request)                       # that program runs alone, the ones
+                self._requeue_in_flight()                # behind it never started
+                self._close_pipes()
+                return
             self._answer(request, line + b"\n")
             if self.in_flight:  # the next one starts now
                 self.head_deadline = time.monotonic() + min(self.budget_s,
@@ -162,17 +167,17 @@ class FastLane:
         (DEATHS_BEFORE_PAUSE, PAUSE_PROGRAMS)."""
         if self.in_flight:
             self.fork(self.in_flight.popleft()[0])
-            self.queue.extendleft(reversed([request for request, _ in self.in_flight]))
-            self.in_flight.clear()
+            self._requeue_in_flight()
         if died and self.pid is not None and self.served == 0:
             self.deaths_in_a_row += 1
             if self.deaths_in_a_row >= DEATHS_BEFORE_PAUSE:
                 doublings = self.deaths_in_a_row - DEATHS_BEFORE_PAUSE
                 self.paused_for = min(PAUSE_PROGRAMS[0] << min(doublings, 16), PAUSE_PROGRAMS[1])
-                while self.queue:  # (these count towards the pause)
-                    self.paused_for = max(0, self.paused_for - 1)
-                    self.fork(self.queue.popleft())
         self._close_pipes()
+
+    def _requeue_in_flight(self):
+        self.queue.extendleft(reversed([request for request, _ in self.in_flight]))
+        self.in_flight.clear()
 
     def _close_pipes(self):
         if self.reply_fd is not None:

@@ -215,4 +215,7 @@ def _report_and_exit(status_or_line, value, raw=False):
         _exit(0)
 
 
-FORK_INSTEAD = b'{"fork":true}\n'  # the fast lane's executor (executor.py): "run this one in its own child"
+# Lines of the fast lane's executor (executor.py): "run this one in its own child", and "...
+# and I am exiting: something changed what must not change" (see executor.py).
+FORK_INSTEAD = b'{"fork":true}\n'
+FORK_AND_RETIRE = b'{"fork":true,"retire":true}\n'
