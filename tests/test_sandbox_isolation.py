@@ -179,6 +179,7 @@ def test_sibling_sabotage_changes_no_concurrent_program(pool):
     assert [(r.status, r.value) for r in results[4:4 + len(pure)]] == \
         [("ok", pytest.approx(v)) for _, v in PROBES] * 20
     assert (results[-1].status, results[-1].value) == ("ok", 32.0)  # its own: still allowed
+    assert pool.isolation["checks"]["limit_parent"].startswith("denied")  # the start-up probe
 
 
 # ---- the fast lane keeps serving -------------------------------------------------------

@@ -167,4 +167,6 @@ def self_checks(_socket) -> dict:
     attempt("write_tmp", write_tmp)
     attempt("read_proc", lambda: os.close(os.open("/proc/self/status", os.O_RDONLY)))
     attempt("signal_parent", lambda: os.kill(os.getppid(), 0))
+    # reading the parent's limit is harmless; the filter refuses any pid but the caller's
+    attempt("limit_parent", lambda: resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE))
     return checks
