@@ -73,45 +73,58 @@ def watched_modules():
     return [builtins, math, ast, _symtable, purity, jail_mod, sys.modules[__name__]]
 
 
+def _mutable_class(value) -> bool:
+    return isinstance(value, type) and bool(value.__flags__ & _HEAP_TYPE)
+
+
 def integrity_check(modules, extra_dicts=()):
     """A function returning True while every watched object is as it was when this was
     called: the modules' dicts, their functions' code, defaults, closures and globals, the
-    dicts of the (mutable) classes they define, and `extra_dicts`. Identity comparisons
-    only: a replacement object with a lying __eq__ is caught."""
-    containers, functions = list(extra_dicts), []
+    dicts of our own (mutable) classes, and `extra_dicts`. Of ast's node classes, whose
+    `_fields` drive ast.walk in the purity check: the size of their dicts and `_fields`
+    (a replaced or deleted entry changes one of the two). Identity comparisons only: a
+    replacement object with a lying __eq__ is caught."""
+    containers, functions, node_classes = list(extra_dicts), [], []
     for module in modules:
         containers.append(vars(module))
         for value in list(vars(module).values()):
             if isinstance(value, types.FunctionType):
                 functions.append(value)
-            elif isinstance(value, type) and value.__flags__ & _HEAP_TYPE:  # (ast's node
-                containers.append(value.__dict__)             # classes: _fields drives walk)
+            elif _mutable_class(value) and issubclass(value, ast.AST):
+                node_classes.append(value)
+            elif _mutable_class(value) and value.__module__.startswith("megatron_reft"):
+                containers.append(value.__dict__)
                 functions += [v for v in vars(value).values()
                               if isinstance(v, types.FunctionType)]
-    # All comparisons run in C (map/chain over the live objects): ~1,500 identities per
-    # program, most of them ast's node classes.
+    # All comparisons run in C (map/chain over the live objects): ~1,000 identities.
     values_of = operator.methodcaller("values")
     parts_of = operator.attrgetter("__code__", "__defaults__", "__kwdefaults__",
                                    "__closure__", "__globals__")
+    dict_of, fields_of = operator.attrgetter("__dict__"), operator.attrgetter("_fields")
     containers, functions = tuple(containers), tuple(functions)
-    sizes = tuple(map(len, containers))
+    node_classes = tuple(node_classes)
+    sizes = tuple(map(len, containers)) + tuple(map(len, map(dict_of, node_classes)))
     keys = tuple(itertools.chain.from_iterable(containers))
     values = tuple(itertools.chain.from_iterable(map(values_of, containers)))
     parts = tuple(itertools.chain.from_iterable(map(parts_of, functions)))
+    fields = tuple(map(fields_of, node_classes))
     is_, all_, map_, len_, tuple_ = operator.is_, all, map, len, tuple  # bound now
     chain = itertools.chain.from_iterable
 
     def intact() -> bool:
-        return (tuple_(map_(len_, containers)) == sizes
+        return (tuple_(map_(len_, containers)) + tuple_(map_(len_, map_(dict_of, node_classes)))
+                == sizes
                 and all_(map_(is_, chain(containers), keys))
                 and all_(map_(is_, chain(map_(values_of, containers)), values))
-                and all_(map_(is_, chain(map_(parts_of, functions)), parts)))
+                and all_(map_(is_, chain(map_(parts_of, functions)), parts))
+                and all_(map_(is_, map_(fields_of, node_classes), fields)))
     return intact
 
 
 # ---- the serving loop --------------------------------------------------------------------
 
 _WARM_UP = "def solution():\n    return round(math.sqrt(sum([x for x in range(3)])), 2)\n"
+
 
 def executor_main(jail, request_fd: int, reply_fd: int, preloaded: dict):
     """Entry point of the executor child. Reads one JSON string (a program) per line on

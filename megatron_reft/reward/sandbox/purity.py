@@ -46,7 +46,8 @@ def pure_tree(code: str):
     report the error."""
     try:
         tree = ast.parse(code)
-        return tree if _pure_module(tree) and _pure_scopes(code, tree) else None
+        nodes = _pure_nodes(tree)
+        return tree if nodes is not None and _pure_scopes(code, tree, nodes) else None
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 
@@ -55,20 +56,21 @@ def is_pure(code: str) -> bool:
     return pure_tree(code) is not None
 
 
-def _pure_module(tree: ast.Module) -> bool:
+def _pure_nodes(tree: ast.Module):
+    """The nodes of solution's body if the module's shape and every node are allowed."""
     functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
     others = [n for n in tree.body if not isinstance(n, ast.FunctionDef)]
     if len(functions) != 1 or not all(_is_math_import(n) for n in others):
-        return False
+        return None
     function = functions[0]
     args = function.args
     if (function.name != "solution" or function.decorator_list or function.returns
             or args.args or args.posonlyargs or args.kwonlyargs or args.vararg or args.kwarg):
-        return False
-    if _rebinds_math(tree):  # `math.x` below must mean the module: it may not be rebound
-        return False
+        return None
     nodes = [n for statement in function.body for n in ast.walk(statement)]
-    return all(_allowed(node) for node in nodes)
+    if _rebinds_math(others + nodes):  # `math.x` must mean the module
+        return None
+    return nodes if all(_allowed(node) for node in nodes) else None
 
 
 _SCOPE_OFF, _SCOPE_MASK = _symtable.SCOPE_OFF, _symtable.SCOPE_MASK
@@ -76,7 +78,7 @@ _GLOBAL_SCOPES = (_symtable.GLOBAL_IMPLICIT, _symtable.GLOBAL_EXPLICIT)
 _LOCAL_SCOPES = (_symtable.LOCAL, _symtable.CELL)
 
 
-def _pure_scopes(code: str, tree: ast.Module) -> bool:
+def _pure_scopes(code: str, tree: ast.Module, nodes) -> bool:
     """Resolve every name as CPython will: a name that is global in `solution` or in any
     comprehension inside it must mean math, a pure builtin or a module-level math import;
     an item assignment `x[i] = ...` must target a local of `solution`."""
@@ -90,7 +92,7 @@ def _pure_scopes(code: str, tree: ast.Module) -> bool:
                 return False  # (a local `math` can only be `import math`: _rebinds_math)
     solution_locals = {name for name, flags in solution_table.symbols.items()
                        if (flags >> _SCOPE_OFF) & _SCOPE_MASK in _LOCAL_SCOPES}
-    return all(node.value.id in solution_locals for node in ast.walk(tree)
+    return all(node.value.id in solution_locals for node in nodes
                if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store))
 
 
@@ -115,10 +117,10 @@ def _is_math_import(node) -> bool:
     return False
 
 
-def _rebinds_math(tree: ast.Module) -> bool:
-    """Anything in the program that binds the name math to something other than the module (a
+def _rebinds_math(nodes) -> bool:
+    """Anything among `nodes` that binds the name math to something other than the module (a
     plain `import math` binds it to the module itself: not a rebinding)."""
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Name) and node.id == "math" and not isinstance(node.ctx, ast.Load):
             return True
         if isinstance(node, ast.ImportFrom) and any(
