@@ -14,7 +14,8 @@ Defence in depth, in the order a hostile program meets it:
    globals or its own math copy is thrown away with them.
 3. After each program the executor checks, by identity, that the real `builtins` and `math`
    modules and its own code (this module, jail.py, purity.py, `ast`, `_symtable`: module
-   dicts, functions' code, defaults and closures, classes' dicts) are unchanged. Any change
+   dicts; functions' code, defaults, closures and globals; our classes' dicts; ast node
+   classes' `_fields`) are unchanged (integrity_check). Any change
    means something got past (1) and (2): that program is answered "run me in a fork" (its
    own answer cannot be trusted) and the executor exits at once. The programs written
    behind it never started; the zygote hands them to a fresh executor.
