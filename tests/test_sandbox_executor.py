@@ -41,7 +41,7 @@ class Harness:
     def __init__(self, jail):
         self.jail, self.poller = jail, select.poll()
         self.forked, self.answers, self.exit_codes, self.started = [], {}, [], []
-        self.lane = FastLane(jail, {"math": math}, self.poller, budget_s=2.0,
+        self.lane = FastLane(jail, self.poller, budget_s=2.0,
                              max_programs=10 ** 6, reply=self._reply,
                              fork=lambda request: self.forked.append(request[0]),
                              verdict=verdict_for)

@@ -16,7 +16,8 @@ from megatron_reft.reward.sandbox.pool import SandboxConfig, SandboxPool
 from megatron_reft.reward.sandbox.purity import is_pure
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
-SVAMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mwp_reft" / "svamp_python_sdp.json"
+SVAMP = (Path(__file__).resolve().parents[2] / "shared" / "data" / "mwp_reft"
+         / "svamp_python_sdp.json")
 
 
 def program(body: str) -> str:

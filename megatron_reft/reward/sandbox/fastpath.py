@@ -34,9 +34,9 @@ PAUSE_PROGRAMS = (64, 4096)
 
 
 class FastLane:
-    def __init__(self, jail, preloaded, poller, budget_s: float, max_programs: int,
+    def __init__(self, jail, poller, budget_s: float, max_programs: int,
                  reply, fork, verdict):
-        self.jail, self.preloaded, self.poller = jail, preloaded, poller
+        self.jail, self.poller = jail, poller
         self.budget_s, self.max_programs = budget_s, max_programs
         self.reply, self.fork, self.verdict = reply, fork, verdict  # the zygote's callbacks
         self.enabled = budget_s > 0
@@ -141,7 +141,7 @@ class FastLane:
         pid = os.fork()
         if pid == 0:
             try:
-                executor_main(self.jail, request_r, reply_w, self.preloaded)
+                executor_main(self.jail, request_r, reply_w)
             finally:
                 os._exit(1)
         os.close(request_r)

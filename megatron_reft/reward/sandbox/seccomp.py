@@ -4,8 +4,8 @@ Why a denylist: CPython touches well over a hundred syscalls (mmap, futex, getra
 an allowlist breaks on the next interpreter or libc release, while the calls that matter for
 escaping or harming the machine are a short, stable list: process creation, signals to other
 processes, acting on other processes (rlimits, priority, scheduling, memory placement: allowed
-only on the caller itself), sockets, file creation and modification, tracing, mounts, namespaces, kernel
-modules, keyrings, io_uring, bpf. Plus the two classic denylist holes are closed: a foreign
+only on the caller itself), sockets, file creation and modification, tracing, mounts,
+namespaces, kernel modules, keyrings, io_uring, bpf. Plus the two classic denylist holes are closed: a foreign
 architecture (int 0x80 / 32-bit compat) kills the process, and x32 syscall numbers are refused.
 
 Denied calls fail with EPERM (ENOSYS for clone3/openat2 so libc falls back to the checked

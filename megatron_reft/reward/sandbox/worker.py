@@ -192,7 +192,7 @@ class Zygote:
         self.poller = select.poll()
         self.poller.register(self.proto_in, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
-        self.fast = FastLane(self.jail, self.preloaded, self.poller,
+        self.fast = FastLane(self.jail, self.poller,
                              budget_s=float(self.cfg["fast_path_budget_s"]),
                              max_programs=int(self.cfg["executor_max_programs"]),
                              reply=self._reply, fork=self.queue.append, verdict=verdict_for)
