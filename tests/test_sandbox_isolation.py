@@ -16,8 +16,6 @@ from megatron_reft.reward.sandbox.pool import SandboxConfig, SandboxPool
 from megatron_reft.reward.sandbox.purity import is_pure
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
-SVAMP = (Path(__file__).resolve().parents[2] / "shared" / "data" / "mwp_reft"
-         / "svamp_python_sdp.json")
 
 
 def program(body: str) -> str:
@@ -219,12 +217,13 @@ def timed_honest_run(pool, first):
 
 # ---- everything at once ------------------------------------------------------------------
 
-def test_svamp_gold_programs_interleaved_with_every_hostile_program_score_one():
-    if not SVAMP.is_file():
-        pytest.skip(f"SVAMP data not found at {SVAMP}")
+def test_svamp_gold_programs_interleaved_with_every_hostile_program_score_one(shared_data):
+    svamp = shared_data / "mwp_reft" / "svamp_python_sdp.json"
+    if not svamp.is_file():
+        pytest.skip(f"SVAMP data not found at {svamp}")
     from test_sandbox import hostile_programs, marker_files, processes_with, \
         sandbox_descendants, sandbox_owned_files
-    items = json.loads(SVAMP.read_text())
+    items = json.loads(svamp.read_text())
     hostile = list(HOSTILE.values()) + list(hostile_programs(port=9).values())
     others, owned_before = set(sandbox_descendants()), sandbox_owned_files()
     responses, golds, gold_positions = [], [], []
