@@ -115,15 +115,22 @@ SUBCLASS_ESCAPE = '''def solution():
             return 1
     return 0
 '''
-TAMPERING = {
+TAMPERING = {name: SUBCLASS_ESCAPE.format(action=action) for name, action in {
     "math": 'modules["math"].pi = 3',
     "builtins": 'modules["builtins"].round = len',
     "encoder": ('modules["megatron_reft.reward.sandbox.jail"].encode_result = '
                 'lambda status, value: b\'{"status":"ok","value":42}\\n\''),
     "purity_walk": 'modules["ast"].Name._fields = ()',
-    "function_code": 'modules["math"].__name__; modules["megatron_reft.reward.sandbox.jail"]'
+    "function_code": 'modules["megatron_reft.reward.sandbox.jail"]'
                      '.to_plain.__code__ = (lambda value: 42.0).__code__',
-}
+}.items()}
+# a running generator's frame leads to the caller's caller: run_program, in jail.py
+TAMPERING["generator_frame"] = '''def solution():
+    g = (g.gi_frame.f_back.f_back.f_globals for _ in [1])
+    jail_globals = list(g)[0]
+    jail_globals["to_plain"] = lambda value: 42.0
+    return 1
+'''
 PROBES = ["def solution():\n    return math.pi", "def solution():\n    return round(2.567, 2)",
           "def solution():\n    return 6 * 7 + 0.5"]
 PROBE_ANSWERS = [("ok", math.pi), ("ok", 2.57), ("ok", 42.5)]
@@ -138,7 +145,7 @@ def no_static_check(monkeypatch):
 @pytest.mark.parametrize("target", sorted(TAMPERING))
 def test_tampering_is_detected_and_the_program_reruns_forked(no_static_check, target):
     harness = Harness(TestJail())
-    tamper = SUBCLASS_ESCAPE.format(action=TAMPERING[target])
+    tamper = TAMPERING[target]
     try:
         first = harness.run(PROBES + [tamper] + PROBES * 3)
         harness.run(PROBES)  # the next batch
@@ -159,7 +166,10 @@ def test_programs_get_fresh_globals_with_pure_builtins_only(no_static_check):
                 "def solution():\n    return __builtins__['__import__'].__globals__['make_import']"
                 ".__globals__.get('os', 'unreachable')",
                 "x = 5\ndef solution():\n    return x",
-                "def solution():\n    return x"]
+                "def solution():\n    return x",
+                # exception classes are not builtins here: no traceback, no frames
+                "def solution():\n    try:\n        1 / 0\n    except ZeroDivisionError as e:\n"
+                "        return e.__traceback__.tb_frame.f_back.f_globals['__name__']"]
     try:
         first = harness.run(programs + PROBES)
     finally:
@@ -167,7 +177,7 @@ def test_programs_get_fresh_globals_with_pure_builtins_only(no_static_check):
     answers = [harness.answers[first + i] for i in range(len(programs) + len(PROBES))]
     assert answers[:len(programs)] == [("error:NameError", None), ("error:ImportError", None),
                                        ("ok", 3.0), ("ok", "unreachable"), ("ok", 5.0),
-                                       ("error:NameError", None)]
+                                       ("error:NameError", None), ("error:NameError", None)]
     assert answers[len(programs):] == [(s, pytest.approx(v)) for s, v in PROBE_ANSWERS]
     assert harness.forked == [] and executor.TAMPERED_EXIT not in harness.exit_codes
 
