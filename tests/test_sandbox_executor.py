@@ -6,6 +6,7 @@ import ast
 import math
 import os
 import select
+import signal
 import sys
 import time
 
@@ -155,7 +156,10 @@ def test_tampering_is_detected_and_the_program_reruns_forked(no_static_check, ta
     assert harness.forked == [tamper_id]  # its answer is not trusted: it runs again alone
     answers = [harness.answers[i] for i in sorted(harness.answers)]
     assert answers == [(s, pytest.approx(v)) for s, v in PROBE_ANSWERS * 5]
-    assert executor.TAMPERED_EXIT in harness.exit_codes
+    # it exits by itself on detection; the lane also SIGKILLs it (whichever comes first),
+    # and the probes after it were served by a second executor
+    assert len(harness.exit_codes) == 2
+    assert harness.exit_codes[0] in (executor.TAMPERED_EXIT, -signal.SIGKILL)
 
 
 def test_programs_get_fresh_globals_with_pure_builtins_only(no_static_check):

@@ -100,10 +100,10 @@ class FastLane:
             request, _ = self.in_flight.popleft()
             self.served += 1
             self.deaths_in_a_row = 0
-            if line + b"\n" == jail_mod.FORK_AND_RETIRE:  # it saw tampering and is exiting:
-                self.fork(request)                       # that program runs alone, the ones
-                self._requeue_in_flight()                # behind it never started
-                self._close_pipes()
+            if line + b"\n" == jail_mod.FORK_AND_RETIRE:  # it saw tampering and exits (we
+                self.fork(request)                       # make sure): that program runs
+                self._requeue_in_flight()                # alone, the ones behind it never
+                self._kill()                             # started
                 return
             self._answer(request, line + b"\n")
             if self.in_flight:  # the next one starts now
