@@ -21,7 +21,8 @@ from megatron_reft.reward.sandbox.pool import DEFAULT_PRELOAD  # noqa: E402
 
 
 def cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -50,7 +51,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prepare.preload(DEFAULT_PRELOAD)  # as big as the zygote that would fork
     results = {}
-    for name, fork in (("plain", plain_fork), ("own_pid_namespace", fork_into_own_pid_namespace)) * 2:
+    ways = (("plain", plain_fork), ("own_pid_namespace", fork_into_own_pid_namespace))
+    for name, fork in ways * 2:
         cpu, wall = cpu_seconds(), time.perf_counter()
         for _ in range(args.forks):
             fork()
