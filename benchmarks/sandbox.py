@@ -99,7 +99,7 @@ the_jail, zygote_filter, info = prepare.build_jail(cfg, ["net", "ipc"])
 output_fd, result_fd = os.open(os.devnull, os.O_WRONLY), os.dup(1)
 prepare.restrict_zygote(the_jail, zygote_filter, info)
 the_jail.enter(output_fd, result_fd, 2.0)
-status, value = jail.run_program(code, preloaded)
+status, value = jail.run_program(code, jail.fork_globals(preloaded))
 os.write(jail.RESULT_FD, jail.encode_result(status, value))
 """
 

@@ -118,7 +118,9 @@ from megatron_reft.reward.sandbox.pool import SandboxConfig, SandboxPool
 with SandboxPool(SandboxConfig(num_workers=1, timeout_s=1.0)) as pool:
     results = pool.run([{GOOD!r}, {LOOP!r},
                         "def solution():\\n    open('/tmp/reft_unpriv_marker', 'w')",
-                        "def solution():\\n    import os\\n    os.kill(os.getppid(), 9)"])
+                        "def solution():\\n    import os\\n    os.kill(os.getppid(), 9)",
+                        "def solution():\\n    import resource\\n"
+                        "    resource.prlimit(1, resource.RLIMIT_CPU, (0, 0))"])
     print(json.dumps({{"statuses": [r.status for r in results], "ns": pool.isolation["namespaces"],
                       "summary": pool.isolation_summary}}))
 """)
@@ -129,6 +131,6 @@ with SandboxPool(SandboxConfig(num_workers=1, timeout_s=1.0)) as pool:
         pytest.skip("user namespaces are disabled here")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
-    assert report["statuses"] == ["ok", "timeout", "error:PermissionError", "error:PermissionError"]
+    assert report["statuses"] == ["ok", "timeout"] + ["error:PermissionError"] * 3
     assert "user" in report["ns"] and "net" in report["ns"]
     assert not os.path.exists("/tmp/reft_unpriv_marker")

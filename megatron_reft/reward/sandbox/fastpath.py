@@ -1,5 +1,5 @@
 """The zygote's fast lane: statically pure programs (purity.py) run back to back in one
-long-lived executor child that entered the same jail as any forked child.
+long-lived executor child (executor.py) that entered the same jail as any forked child.
 
 Every program still gets its own wall-clock limit, and the fast lane only ever *declines*:
 a program that the executor finds impure, that runs longer than `budget_s` (50 ms by
@@ -20,15 +20,23 @@ import signal
 import time
 
 from . import jail as jail_mod
+from .executor import executor_main
 
 DEPTH = 8                  # programs written ahead to the executor
 PIPE_BYTES = 60_000        # bytes in flight stay under the pipe's 64 KiB: writes never block
+# Back-off, not switch-off: after DEATHS_BEFORE_PAUSE executors in a row died before serving
+# anything (a jail that cannot be entered, or programs that kill it at once), the next
+# PAUSE_PROGRAMS[0] programs fork; then the lane tries again, and each further death in a row
+# doubles the pause, up to PAUSE_PROGRAMS[1]. One served answer resets it. A hostile program
+# thus costs honest ones at most a pause of forks (~2 ms each), never the lane for good.
+DEATHS_BEFORE_PAUSE = 3
+PAUSE_PROGRAMS = (64, 4096)
 
 
 class FastLane:
-    def __init__(self, jail, preloaded, poller, budget_s: float, max_programs: int,
+    def __init__(self, jail, poller, budget_s: float, max_programs: int,
                  reply, fork, verdict):
-        self.jail, self.preloaded, self.poller = jail, preloaded, poller
+        self.jail, self.poller = jail, poller
         self.budget_s, self.max_programs = budget_s, max_programs
         self.reply, self.fork, self.verdict = reply, fork, verdict  # the zygote's callbacks
         self.enabled = budget_s > 0
@@ -38,7 +46,8 @@ class FastLane:
         self.head_deadline = None
         self.inbuf = b""
         self.served = 0
-        self.failed_starts = 0
+        self.deaths_in_a_row = 0   # executors that died before serving anything
+        self.paused_for = 0        # programs still to fork before the lane is tried again
 
     @property
     def deadline(self):
@@ -54,6 +63,9 @@ class FastLane:
         """Write queued programs to the executor (starting one if needed)."""
         if not self.enabled:
             return
+        while self.paused_for and self.queue:  # backing off: these fork
+            self.paused_for -= 1
+            self.fork(self.queue.popleft())
         while self.queue and len(self.in_flight) < DEPTH:
             request = self.queue[0]
             data = (json.dumps(request[1]) + "\n").encode()
@@ -87,7 +99,12 @@ class FastLane:
         for line in lines:
             request, _ = self.in_flight.popleft()
             self.served += 1
-            self.failed_starts = 0
+            self.deaths_in_a_row = 0
+            if line + b"\n" == jail_mod.FORK_AND_RETIRE:  # it saw tampering and exits (we
+                self.fork(request)                       # make sure): that program runs
+                self._requeue_in_flight()                # alone, the ones behind it never
+                self._kill()                             # started
+                return
             self._answer(request, line + b"\n")
             if self.in_flight:  # the next one starts now
                 self.head_deadline = time.monotonic() + min(self.budget_s,
@@ -124,7 +141,7 @@ class FastLane:
         pid = os.fork()
         if pid == 0:
             try:
-                jail_mod.executor_main(self.jail, request_r, reply_w, self.preloaded)
+                executor_main(self.jail, request_r, reply_w)
             finally:
                 os._exit(1)
         os.close(request_r)
@@ -146,19 +163,21 @@ class FastLane:
     def _lost(self, died=False):
         """The executor is gone (killed by us, or `died` on its own). The program it was
         running goes to the fork path; those written behind it never started and go back to
-        the front of the queue. After three executors in a row died before serving anything
-        (say the jail cannot be entered), the lane shuts and everything forks."""
+        the front of the queue. Executors dying before serving anything pause the lane
+        (DEATHS_BEFORE_PAUSE, PAUSE_PROGRAMS)."""
         if self.in_flight:
             self.fork(self.in_flight.popleft()[0])
-            self.queue.extendleft(reversed([request for request, _ in self.in_flight]))
-            self.in_flight.clear()
+            self._requeue_in_flight()
         if died and self.pid is not None and self.served == 0:
-            self.failed_starts += 1
-            if self.failed_starts >= 3:
-                self.enabled = False
-                while self.queue:
-                    self.fork(self.queue.popleft())
+            self.deaths_in_a_row += 1
+            if self.deaths_in_a_row >= DEATHS_BEFORE_PAUSE:
+                doublings = self.deaths_in_a_row - DEATHS_BEFORE_PAUSE
+                self.paused_for = min(PAUSE_PROGRAMS[0] << min(doublings, 16), PAUSE_PROGRAMS[1])
         self._close_pipes()
+
+    def _requeue_in_flight(self):
+        self.queue.extendleft(reversed([request for request, _ in self.in_flight]))
+        self.in_flight.clear()
 
     def _close_pipes(self):
         if self.reply_fd is not None:

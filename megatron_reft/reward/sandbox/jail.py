@@ -20,7 +20,6 @@ import resource
 import signal
 
 from . import kernel
-from .purity import pure_tree
 
 RESULT_FD = 3            # where the child writes its one JSON result line
 MAX_RESULT_BYTES = 4096  # the zygote reads at most this much from RESULT_FD
@@ -130,11 +129,17 @@ def _address_space_bytes() -> int:
 
 # ---- running the program ---------------------------------------------------------------------
 
-def run_program(code, preloaded: dict):
-    """Execute `code` (source or a parsed tree), call solution(), return (status, plain
-    value). Runs jailed."""
+def fork_globals(preloaded: dict) -> dict:
+    """Globals of a program in its own fork: the real builtins (the fork is thrown away) and
+    the preloaded modules the reference prepends (`import math`, `import sympy`)."""
     namespace = {"__name__": "__main__", "__builtins__": builtins}
-    namespace.update(preloaded)  # the reference prepends `import math` (and `import sympy`)
+    namespace.update(preloaded)
+    return namespace
+
+
+def run_program(code, namespace: dict):
+    """Execute `code` (source or a parsed tree) in `namespace`, call solution(), return
+    (status, plain value). Runs jailed."""
     try:
         exec(compile(code, "<program>", "exec"), namespace)
         return "ok", to_plain(namespace["solution"]())
@@ -193,7 +198,7 @@ def child_main(jail: Jail, code: str, timeout_s: float, out_fd: int, result_fd: 
     except BaseException:
         _report_and_exit("error:SandboxSetup", None)
     os.environ.clear()  # nothing of the trainer's environment (tokens, paths) is visible
-    status, value = run_program(code, preloaded)
+    status, value = run_program(code, fork_globals(preloaded))
     try:
         line = encode_result(status, value)
     except MemoryError:
@@ -210,33 +215,7 @@ def _report_and_exit(status_or_line, value, raw=False):
         _exit(0)
 
 
-# ---- the executor: statically pure programs, one after another, in one jailed process -----
-
-EXECUTOR_CPU_S = 3600  # it serves many programs; the zygote's wall clock bounds each of them
-FORK_INSTEAD = b'{"fork":true}\n'  # "run this one in its own child"
-
-
-def executor_main(jail: Jail, request_fd: int, reply_fd: int, preloaded: dict):
-    """Entry point of the executor child (see purity.py for why it may run programs back to
-    back). Reads one JSON-encoded program per line on stdin, answers one line each. Never
-    returns."""
-    try:
-        jail.enter(jail.devnull_fd, reply_fd, EXECUTOR_CPU_S, stdin_fd=request_fd)
-    except BaseException:
-        _exit(1)
-    os.environ.clear()
-    pending = b""
-    while True:
-        while b"\n" not in pending:
-            chunk = os.read(0, 1 << 16)
-            if not chunk:
-                _exit(0)  # the zygote closed our stdin: retired
-            pending += chunk
-        line, pending = pending.split(b"\n", 1)
-        tree = pure_tree(json.loads(line))
-        if tree is None:
-            _write(RESULT_FD, FORK_INSTEAD)
-            continue
-        status, value = run_program(tree, preloaded)
-        # a MemoryError may come from what earlier programs left in this heap: retry fresh
-        _write(RESULT_FD, FORK_INSTEAD if status == "memory" else encode_result(status, value))
+# Lines of the fast lane's executor (executor.py): "run this one in its own child", and "...
+# and I am exiting: something changed what must not change" (see executor.py).
+FORK_INSTEAD = b'{"fork":true}\n'
+FORK_AND_RETIRE = b'{"fork":true,"retire":true}\n'

@@ -9,11 +9,18 @@ process (the same jail as a forked child) at a fraction of the cost. Everything 
 anything this check is unsure about - still gets its own fork.
 
 The check is an allowlist over the syntax tree: any node type, name, attribute or call not
-listed below makes the program "not pure". It runs inside the jailed executor, never in the
-zygote. This only decides *sharing*; what a program can do to the machine is decided by the
-kernel jail either way.
+listed below makes the program "not pure". Which object a name means is decided by CPython's
+own symbol table (`_symtable`, the pass the compiler runs), not by re-implementing Python's
+scoping rules here: a comprehension is a scope of its own (so `[setattr for setattr in ()]`
+does not make a later `setattr` local), its first iterable and a `:=` inside it belong to the
+enclosing function. Every name that resolves to a global must be a pure builtin, `math`, or a
+name the program's own module-level `from math import ...` binds. It runs inside the jailed
+executor, never in the zygote. This only decides *sharing*; what a program can do to the
+machine is decided by the kernel jail either way, and the executor (executor.py) adds its
+own run-time guards on top of this check.
 """
 import ast
+import _symtable  # CPython's symbol-table pass: scopes exactly as the compiler will see them
 
 # Builtins without side effects or access to other objects' internals. Not: print, open,
 # getattr/setattr, vars, globals, type, object, __import__, eval/exec, iter/next, isinstance.
@@ -39,31 +46,66 @@ def pure_tree(code: str):
     report the error."""
     try:
         tree = ast.parse(code)
+        nodes = _pure_nodes(tree)
+        return tree if nodes is not None and _pure_scopes(code, tree, nodes) else None
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    return tree if _pure_module(tree) else None
 
 
 def is_pure(code: str) -> bool:
     return pure_tree(code) is not None
 
 
-def _pure_module(tree: ast.Module) -> bool:
+def _pure_nodes(tree: ast.Module):
+    """The nodes of solution's body if the module's shape and every node are allowed."""
     functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
     others = [n for n in tree.body if not isinstance(n, ast.FunctionDef)]
     if len(functions) != 1 or not all(_is_math_import(n) for n in others):
-        return False
+        return None
     function = functions[0]
     args = function.args
     if (function.name != "solution" or function.decorator_list or function.returns
             or args.args or args.posonlyargs or args.kwonlyargs or args.vararg or args.kwarg):
-        return False
-    assigned = _assigned_names(function)
-    if "math" in assigned:  # `math.x` below must mean the module: it may not be rebound
-        return False
-    local_names = assigned | {"math"}
+        return None
     nodes = [n for statement in function.body for n in ast.walk(statement)]
-    return all(_allowed(node, local_names) for node in nodes)
+    if _rebinds_math(others + nodes):  # `math.x` must mean the module
+        return None
+    return nodes if all(_allowed(node) for node in nodes) else None
+
+
+_SCOPE_OFF, _SCOPE_MASK = _symtable.SCOPE_OFF, _symtable.SCOPE_MASK
+_GLOBAL_SCOPES = (_symtable.GLOBAL_IMPLICIT, _symtable.GLOBAL_EXPLICIT)
+_LOCAL_SCOPES = (_symtable.LOCAL, _symtable.CELL)
+
+
+def _pure_scopes(code: str, tree: ast.Module, nodes) -> bool:
+    """Resolve every name as CPython will: a name that is global in `solution` or in any
+    comprehension inside it must mean math, a pure builtin or a module-level math import;
+    an item assignment `x[i] = ...` must target a local of `solution`."""
+    module_table = _symtable.symtable(code, "<program>", "exec")
+    allowed_globals = PURE_BUILTINS | {"math"} | _module_bindings(tree)
+    solution_table, = module_table.children  # exactly one function, checked before
+    for table in _tables(solution_table):
+        for name, flags in table.symbols.items():
+            scope = (flags >> _SCOPE_OFF) & _SCOPE_MASK
+            if scope in _GLOBAL_SCOPES and name not in allowed_globals:
+                return False  # (a local `math` can only be `import math`: _rebinds_math)
+    solution_locals = {name for name, flags in solution_table.symbols.items()
+                       if (flags >> _SCOPE_OFF) & _SCOPE_MASK in _LOCAL_SCOPES}
+    return all(node.value.id in solution_locals for node in nodes
+               if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store))
+
+
+def _tables(table):
+    yield table
+    for child in table.children:
+        yield from _tables(child)
+
+
+def _module_bindings(tree: ast.Module) -> set:
+    """Names the program's own module-level math imports bind (to math or its attributes)."""
+    return {(alias.asname or alias.name) for node in tree.body
+            if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
 
 
 def _is_math_import(node) -> bool:
@@ -75,32 +117,32 @@ def _is_math_import(node) -> bool:
     return False
 
 
-def _assigned_names(function: ast.FunctionDef) -> set:
-    names = set()
-    for node in ast.walk(function):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-        elif isinstance(node, ast.ImportFrom) or (isinstance(node, ast.Import)
-                                                  and any(a.asname for a in node.names)):
-            names |= {(alias.asname or alias.name) for alias in node.names}
-    return names  # (a plain `import math` binds math to itself: not a rebinding)
+def _rebinds_math(nodes) -> bool:
+    """Anything among `nodes` that binds the name math to something other than the module (a
+    plain `import math` binds it to the module itself: not a rebinding)."""
+    for node in nodes:
+        if isinstance(node, ast.Name) and node.id == "math" and not isinstance(node.ctx, ast.Load):
+            return True
+        if isinstance(node, ast.ImportFrom) and any(
+                (alias.asname or alias.name) == "math" for alias in node.names):
+            return True
+        if isinstance(node, ast.Import) and any(alias.asname == "math" for alias in node.names):
+            return True
+    return False
 
 
-def _allowed(node, local_names: set) -> bool:
+def _allowed(node) -> bool:
     if isinstance(node, (ast.Import, ast.ImportFrom)):
         return _is_math_import(node)
     if not isinstance(node, _STATEMENTS + _EXPRESSIONS + _HELPERS):
         return False  # def, class, lambda, try, with, global, del, f-strings, starred, ...
-    if isinstance(node, ast.Name):
-        if node.id.startswith("__"):
-            return False
-        return isinstance(node.ctx, ast.Store) or node.id in local_names \
-            or node.id in PURE_BUILTINS
+    if isinstance(node, ast.Name):  # what it refers to is checked in _pure_scopes
+        return not node.id.startswith("__")
     if isinstance(node, ast.Attribute):  # reading a public attribute of math, nothing else
         return (isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name)
                 and node.value.id == "math" and not node.attr.startswith("_"))
     if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
-        return isinstance(node.value, ast.Name) and node.value.id in local_names
+        return isinstance(node.value, ast.Name)  # a local of solution: _pure_scopes
     if isinstance(node, ast.Call):  # the callee is checked as a Name / Attribute node
         return isinstance(node.func, (ast.Name, ast.Attribute)) and all(
             keyword.arg is not None for keyword in node.keywords)

@@ -20,7 +20,8 @@ def describe_isolation(report: dict) -> tuple[str, list[str]]:
         if ns not in namespaces:
             missing.append(f"{ns} namespace")
     if report.get("seccomp_denied") and ok("seccomp"):
-        in_force.append(f"seccomp ({report['seccomp_denied']} syscalls denied, writes refused)")
+        in_force.append(f"seccomp ({report['seccomp_denied']} syscalls denied, writes and "
+                        "acting on other processes refused)")
     else:
         missing.append("seccomp")
     if report.get("landlock_abi") and ok("landlock"):
@@ -37,7 +38,7 @@ def describe_isolation(report: dict) -> tuple[str, list[str]]:
     if str(checks.get("socket", "")).startswith("denied"):
         network.append("socket() denied")
     in_force.append("network: " + (" + ".join(network) if network else "OPEN"))
-    for check in ("fork", "socket", "write_tmp", "signal_parent"):
+    for check in ("fork", "socket", "write_tmp", "signal_parent", "limit_parent"):
         if checks.get(check) == "ALLOWED":
             missing.append(f"{check} still allowed")
     if report.get("fast_path_budget_s"):

@@ -3,8 +3,9 @@
 Why a denylist: CPython touches well over a hundred syscalls (mmap, futex, getrandom, ...);
 an allowlist breaks on the next interpreter or libc release, while the calls that matter for
 escaping or harming the machine are a short, stable list: process creation, signals to other
-processes, sockets, file creation and modification, tracing, mounts, namespaces, kernel
-modules, keyrings, io_uring, bpf. Plus the two classic denylist holes are closed: a foreign
+processes, acting on other processes (rlimits, priority, scheduling, memory placement: allowed
+only on the caller itself), sockets, file creation and modification, tracing, mounts,
+namespaces, kernel modules, keyrings, io_uring, bpf. Plus the two classic denylist holes are closed: a foreign
 architecture (int 0x80 / 32-bit compat) kills the process, and x32 syscall numbers are refused.
 
 Denied calls fail with EPERM (ENOSYS for clone3/openat2 so libc falls back to the checked
@@ -55,6 +56,25 @@ _SYSCALLS = {
     "clock_settime": (227, 112), "clock_adjtime": (305, 266), "adjtimex": (159, 171),
     "iopl": (172, None), "ioperm": (173, None), "fanotify_init": (300, 262),
     "lookup_dcookie": (212, 18), "uselib": (134, None),
+    # moving other processes' memory between NUMA nodes; reclaiming or advising it
+    "migrate_pages": (256, 238), "move_pages": (279, 239), "process_madvise": (440, 440),
+    "process_mrelease": (448, 448),
+}
+# Calls that may act on another process: allowed only when they target the caller itself,
+# otherwise EPERM. Without this a program could set RLIMIT_CPU = 0 or RLIMIT_AS = 1 MiB on
+# the programs running beside it (same uid, same pid namespace), renice them, make them
+# SCHED_IDLE or pin them to one core - changing their status or answer. name -> (numbers,
+# required (argument, value) pairs). The kernel reads these pid/which/who arguments as int,
+# so their low 32 bits decide. setpriority/ioprio_set: which = PRIO_PROCESS (0) /
+# IOPRIO_WHO_PROCESS (1) and who = 0 (the caller); the others: pid = 0 (the caller).
+_SELF_ONLY = {
+    "prlimit64": ((302, 261), ((0, 0),)),
+    "setpriority": ((141, 140), ((0, 0), (1, 0))),
+    "sched_setaffinity": ((203, 122), ((0, 0),)),
+    "sched_setscheduler": ((144, 119), ((0, 0),)),
+    "sched_setparam": ((142, 118), ((0, 0),)),
+    "sched_setattr": ((314, 274), ((0, 0),)),
+    "ioprio_set": ((251, 30), ((0, 1), (1, 0))),
 }
 # Denied with ENOSYS so glibc falls back to a variant the filter can inspect or deny.
 _ENOSYS_SYSCALLS = {"clone3": (435, 435), "openat2": (437, 437)}
@@ -166,7 +186,17 @@ def build_filter(arch: str, deny, enosys=(), check_args=True) -> tuple[bytes, in
             if numbers[column] is not None:
                 asm.op(_JEQ_K, numbers[column], jt=f"check_{name}", jf=0)
         asm.op(_JEQ_K, _IOCTL[column], jt="check_ioctl", jf=0)
+        for name, (numbers, _) in _SELF_ONLY.items():
+            asm.op(_JEQ_K, numbers[column], jt=f"self_{name}", jf=0)
     asm.op(_RET_K, _RET_ALLOW)
+
+    if check_args:
+        for name, (_, required) in _SELF_ONLY.items():
+            asm.label(f"self_{name}")
+            for arg, value in required:
+                asm.op(_LD_W_ABS, _arg_low(arg))
+                asm.op(_JEQ_K, value, jt=0, jf="eperm")
+            asm.op(_RET_K, _RET_ALLOW)
 
     if check_args:
         for name, (numbers, arg) in _OPEN_FLAGS_ARG.items():

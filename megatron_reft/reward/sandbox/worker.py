@@ -11,8 +11,9 @@ environment. Three roles, top to bottom:
   trainer on stdin: for each program it forks a child, enforces wall time and output size,
   reaps it and answers with a validated {id, status, value} line on stdout.
 * child: locks itself down (jail.py), runs the program, writes one JSON line, exits.
-* executor (fastpath.py): one long-lived jailed child that runs statically pure programs
-  (purity.py) back to back; anything else, or anything slow, gets its own child.
+* executor (fastpath.py, executor.py): one long-lived jailed child that runs statically
+  pure programs (purity.py) back to back, each with fresh globals; anything else, or
+  anything slow, gets its own child.
 
 Why fork per program rather than running programs inside a locked-down worker: a fork of
 the warm zygote costs ~1.9 ms of CPU per program all included (~800-1,000 programs/s on 2
@@ -191,7 +192,7 @@ class Zygote:
         self.poller = select.poll()
         self.poller.register(self.proto_in, select.POLLIN)
         self.poller.register(wake_r, select.POLLIN)
-        self.fast = FastLane(self.jail, self.preloaded, self.poller,
+        self.fast = FastLane(self.jail, self.poller,
                              budget_s=float(self.cfg["fast_path_budget_s"]),
                              max_programs=int(self.cfg["executor_max_programs"]),
                              reply=self._reply, fork=self.queue.append, verdict=verdict_for)
