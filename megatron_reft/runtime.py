@@ -90,6 +90,8 @@ def start(config: Config, job: str | None = None) -> dist_init.LaunchEnv:
     orphans.install_parent_death_signal_for_forks()
     launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    if launch.launcher == "torchrun":
+        orphans.die_with_launcher()
     if config.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if job is not None:

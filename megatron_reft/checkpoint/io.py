@@ -136,8 +136,10 @@ def _attempt(fn) -> BaseException | None:
     try:
         fn()
         return None
-    except Exception as err:  # reported collectively by _agree_or_raise
-        return err
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # reported collectively by _agree_or_raise; torch's
+        return err                # CheckpointException derives from BaseException
 
 
 def _on_rank0(fn) -> BaseException | None:

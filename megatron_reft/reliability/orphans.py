@@ -13,6 +13,7 @@ finishing their work as orphans.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import queue
 import signal
@@ -28,6 +29,8 @@ def keep_checkpoint_writer_in_process() -> None:
 
     if not isinstance(filesystem_async._results_queue, queue.Queue):
         filesystem_async._results_queue = queue.Queue()
+        # its worker errors come back to us as exceptions and are reported in one line there
+        logging.getLogger(filesystem_async.__name__).setLevel(logging.CRITICAL)
     install_parent_death_signal_for_forks()
 
 
@@ -65,3 +68,12 @@ def install_parent_death_signal_for_forks() -> None:
                 os._exit(1)
 
     os.register_at_fork(before=before, after_in_child=after_in_child)
+
+
+def die_with_launcher() -> None:
+    """A rank started by torchrun dies when its launcher does (kill -9 of torchrun would
+    otherwise leave the ranks training on as orphans, in their own sessions). SIGTERM: the
+    same end as torchrun's own shutdown of its workers."""
+    launcher = os.getppid()
+    if set_parent_death_signal(signal.SIGTERM) and os.getppid() != launcher:
+        os._exit(1)  # the launcher died before the signal was armed
