@@ -121,7 +121,7 @@ def _assert_refused_untouched(proc, run_dir: Path, *needles: str):
 
 
 @pytest.mark.parametrize("override, keys", [
-    ("model.hidden_size=128", ("model.hidden_size", "model.ffn_hidden_size")),
+    ("model.hidden_size=128", ("model.hidden_size: cannot change", "64 -> 128")),
     ("trainer.global_batch_size=32", ("trainer.global_batch_size", "batch-size rule")),
     ("trainer.seed=7", ("trainer.seed",)),
 ])

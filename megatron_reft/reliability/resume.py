@@ -60,7 +60,7 @@ def check_resume(config: Config, model: ModelConfig, checkpoint: Path, job: str)
     """Raise ConfigError for changes that cannot resume; return log lines for those that can."""
     problems = model_differences(checkpoint, model)
     if problems:
-        raise ConfigError(f"model: {', '.join(p.split()[0] for p in problems)}: cannot change when "
+        raise ConfigError(f"{', '.join(p.split()[0] for p in problems)}: cannot change when "
                           f"resuming from {checkpoint} ({'; '.join(problems)}); use a new "
                           "trainer.output_dir or trainer.resume=none")
     batch_key = BATCH_KEY.get(job)
