@@ -115,3 +115,19 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | No
                                  f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def sandbox_pids() -> list[int]:
+    """Reward-sandbox workers started from this checkout (they run with an empty environment,
+    so the tag does not reach them; their command line names the package root)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"megatron_reft.reward.sandbox.worker" in b" ".join(cmdline) and str(REPO).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids

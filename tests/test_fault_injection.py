@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fault_utils import (REPO, command, env, error_lines, kill_all, latest, metrics, run, tagged_pids,
+from fault_utils import (REPO, command, env, error_lines, kill_all, latest, metrics, run, sandbox_pids,
                          tensors, wait_for, wait_for_no_processes)
 
 pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
@@ -120,15 +120,11 @@ def _assert_refused_untouched(proc, run_dir: Path, *needles: str):
     return snapshot
 
 
-@pytest.mark.parametrize("override, keys", [
-    ("model.hidden_size=128", ("model.hidden_size: cannot change", "64 -> 128")),
-    ("trainer.global_batch_size=32", ("trainer.global_batch_size", "batch-size rule")),
-    ("trainer.seed=7", ("trainer.seed",)),
-])
-def test_unresumable_change_is_refused_in_one_line(trained, override, keys):
+def test_shape_change_on_resume_is_refused_in_one_line_writing_nothing(trained):
+    # more refusals (batch size, seed, data) are unit-tested in test_reliability.py
     before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
-    proc = run(command("sft", trained, "trainer.max_steps=3", override))
-    _assert_refused_untouched(proc, trained, *keys)
+    proc = run(command("sft", trained, "trainer.max_steps=3", "model.hidden_size=128"))
+    _assert_refused_untouched(proc, trained, "model.hidden_size: cannot change", "64 -> 128")
     after = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     assert after == before  # config.yaml, checkpoints, metrics: nothing written
 
@@ -146,34 +142,15 @@ def test_resumable_changes_are_logged(trained, tmp_path):
     assert latest(copy) == "step_3"
 
 
-def _bad_tokenizer(tmp: Path) -> list[str]:
-    (tmp / "tok").mkdir()
-    (tmp / "tok" / "tokenizer.json").write_text("{ not json")
-    return [f"data.tokenizer={tmp / 'tok'}", f"data.train_file={REPO / 'tests' / 'fault_utils.py'}"]
-
-
-def _non_utf8(tmp: Path, tokenizer: Path) -> list[str]:
-    (tmp / "latin1.jsonl").write_bytes('{"id": "1", "question": "caf\xe9", "answer": "1"}\n'.encode("latin-1"))
-    return [f"data.tokenizer={tokenizer}", f"data.train_file={tmp / 'latin1.jsonl'}"]
-
-
-def _json_object(tmp: Path, tokenizer: Path) -> list[str]:
-    (tmp / "object.json").write_text('{\n "data": [{"question": "1+1", "answer": "2"}]\n}\n')
-    return [f"data.tokenizer={tokenizer}", f"data.train_file={tmp / 'object.json'}"]
-
-
-@pytest.mark.parametrize("case, needles", [
-    ("tokenizer", ("data.tokenizer:", "tok")),
-    ("non_utf8", ("data.train_file:", "latin1.jsonl", "not UTF-8", "line 1")),
-    ("json_object", ("data.train_file:", "object.json", "expected a JSON list")),
-])
-def test_user_input_errors_exit_2_in_one_line_writing_nothing(trained, tmp_path, case, needles):
-    tokenizer = trained / "tokenizer"
-    overrides = _bad_tokenizer(tmp_path) if case == "tokenizer" else \
-        (_non_utf8 if case == "non_utf8" else _json_object)(tmp_path, tokenizer)
+def test_broken_tokenizer_exits_2_in_one_line_writing_nothing(tmp_path):
+    # non-UTF-8 and non-list data files take the same path (runtime._user_input); their
+    # messages are unit-tested in test_reliability.py
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{ not json")
     out = tmp_path / "out"
-    proc = run(command("sft", out, "trainer.max_steps=1", *overrides))
-    _assert_refused_untouched(proc, tmp_path, *needles)
+    proc = run(command("sft", out, "trainer.max_steps=1", f"data.tokenizer={tmp_path / 'tok'}",
+                       f"data.train_file={REPO / 'tests' / 'fault_utils.py'}"))
+    _assert_refused_untouched(proc, tmp_path, "data.tokenizer:", str(tmp_path / "tok"))
     assert not out.exists()  # nothing written before validation passed
 
 
@@ -211,6 +188,8 @@ def test_kill_9_under_torchrun_leaves_no_process_and_resumes_bit_exact(tmp_path,
             assert "rank      : 1" in job.stderr.read()  # torchrun names the dead rank
     finally:
         kill_all(tag)
+    if victim == "launcher":
+        return  # the resume after a kill is checked once, below
     resumed_from = int(latest(out).split("_")[1])
     reference = tmp_path / "reference"
     target = resumed_from + 1
@@ -244,10 +223,11 @@ def test_ppo_hang_in_generation_is_named(tmp_path):
     started = time.monotonic()
     proc = run(command("ppo", out, "trainer.max_steps=2", "trainer.hang_timeout_s=5",
                        "data.synthetic_train_items=32", "data.synthetic_eval_items=4",
-                       "ppo.rollout_batch_size=4", "data.max_total_length=48"),
+                       "ppo.rollout_batch_size=4", "data.max_prompt_length=32", "data.max_total_length=48"),
                env(tag, MEGATRON_REFT_TEST_HANG="0:generation"), timeout=180)
     assert proc.returncode == 3
     assert time.monotonic() - started < 60
     lines = error_lines(proc.stderr)
     assert lines and lines[0].startswith("hang: rank 0 made no progress") and "phase 'generation'" in lines[0]
     assert not wait_for_no_processes(tag, 20)
+    wait_for(lambda: not sandbox_pids(), 20, "sandbox workers to exit")

@@ -23,12 +23,15 @@ import time
 from megatron_reft.reliability.errors import EXIT_FAULT
 
 TEST_HANG_ENV = "MEGATRON_REFT_TEST_HANG"
+# Start-up (building models, loading checkpoints, the sandbox) is not timed: its length scales
+# with the model, and a peer that never arrives is caught by the process-group timeout.
+STARTUP = "start-up"
 
 
 class Watchdog:
     def __init__(self, timeout_s: float | None, rank: int):
         self.timeout_s, self.rank = timeout_s, rank
-        self.phase, self.since = "start-up", time.monotonic()
+        self.phase, self.since = STARTUP, time.monotonic()
         self._hang = self._test_hang(rank)
         if timeout_s:
             threading.Thread(target=self._watch, name="megatron-reft-watchdog", daemon=True).start()
@@ -51,7 +54,7 @@ class Watchdog:
         while True:
             time.sleep(poll)
             stuck_for = time.monotonic() - self.since
-            if stuck_for > self.timeout_s:
+            if stuck_for > self.timeout_s and self.phase != STARTUP:
                 self._fire(stuck_for)
 
     def _fire(self, stuck_for: float) -> None:
