@@ -202,6 +202,8 @@ def _agree_or_raise(tmp: Path, error: BaseException | None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial write took
     latest = latest_checkpoint(tmp.parent)
     rank, text = failed[0]
+    if error is not None and "[Errno " not in line:
+        raise error  # not a storage fault but a bug: keep its traceback (the others report it)
     kept = f"latest is still {latest.name}" if latest is not None else "no earlier checkpoint"
     raise StorageError(f"checkpoint save failed on rank {rank}: {text} ({kept})") from error
 
