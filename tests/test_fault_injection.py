@@ -218,16 +218,26 @@ def test_hang_in_a_rank_exits_within_timeout_naming_rank_and_phase(tmp_path):
         kill_all(tag)
 
 
-def test_ppo_hang_in_generation_is_named(tmp_path):
+def test_ppo_hang_is_named_and_sandbox_workers_end_with_the_rank(tmp_path):
+    """P-CoT, so programs run in the reward sandbox: its workers must not outlive the rank."""
     out, tag = tmp_path / "ppo", "ppohang-" + tmp_path.name
     started = time.monotonic()
-    proc = run(command("ppo", out, "trainer.max_steps=2", "trainer.hang_timeout_s=5",
-                       "data.synthetic_train_items=32", "data.synthetic_eval_items=4",
-                       "ppo.rollout_batch_size=4", "data.max_prompt_length=32", "data.max_total_length=48"),
-               env(tag, MEGATRON_REFT_TEST_HANG="0:generation"), timeout=180)
-    assert proc.returncode == 3
-    assert time.monotonic() - started < 60
-    lines = error_lines(proc.stderr)
-    assert lines and lines[0].startswith("hang: rank 0 made no progress") and "phase 'generation'" in lines[0]
-    assert not wait_for_no_processes(tag, 20)
-    wait_for(lambda: not sandbox_pids(), 20, "sandbox workers to exit")
+    job = _start(command("ppo", out, "trainer.max_steps=2", "trainer.hang_timeout_s=6", "data.cot_type=pcot",
+                         "data.synthetic_train_items=32", "data.synthetic_eval_items=4",
+                         "ppo.rollout_batch_size=4", "data.max_prompt_length=96", "data.max_total_length=112"),
+                 tag, MEGATRON_REFT_TEST_HANG="0:logprobs")
+    try:
+        workers_seen = 0
+        while job.poll() is None and time.monotonic() - started < 180:
+            workers_seen = max(workers_seen, len(sandbox_pids()))
+            time.sleep(0.3)
+        _, err = job.communicate(timeout=10)
+        assert job.returncode == 3 and time.monotonic() - started < 120, err[-3000:]
+        lines = error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("hang: rank 0 made no progress") and \
+            "phase 'logprobs'" in lines[0], err[-3000:]
+        assert workers_seen > 0  # the sandbox was running when the rank hung
+        assert not wait_for_no_processes(tag, 20)
+        wait_for(lambda: not sandbox_pids(), 20, "sandbox workers to exit")
+    finally:
+        kill_all(tag)
