@@ -263,7 +263,7 @@ def prune_checkpoints(checkpoints_dir: str | Path, keep_last: int, protect: tupl
     if _rank() != 0:
         return
     root = Path(checkpoints_dir)
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),  # not .tmp/.old
                    key=lambda p: int(p.name.split("_")[1]))
     latest = latest_checkpoint(root)
     for old in steps[:-keep_last] if keep_last > 0 else []:

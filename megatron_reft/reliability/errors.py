@@ -30,7 +30,3 @@ class RunLockError(JobError):
     """trainer.output_dir is held by another running job."""
 
     exit_code = EXIT_USER
-
-
-class HangError(JobError):
-    """A rank made no progress in a phase for longer than trainer.hang_timeout_s."""

@@ -6,7 +6,6 @@ Every check ends in an all-reduce over the whole world, so all ranks take the sa
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -90,7 +89,3 @@ class NonFiniteGuard:
                 f"step {step}: {self.consecutive} consecutive non-finite steps (loss, gradients or "
                 f"rollout NaN/Inf; trainer.max_nonfinite_steps={self.limit}); weights not updated "
                 f"by them; last good checkpoint: {latest if latest is not None else 'none'}")
-
-
-def finite_or_nan(value: float) -> float:
-    return value if math.isfinite(value) else float("nan")
