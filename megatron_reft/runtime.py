@@ -107,6 +107,9 @@ def claim_run_dir(config: Config, job: str) -> None:
     from megatron_reft.reliability.storage import recover_interrupted_swaps
 
     global _run_lock
+    if _run_lock is not None:  # one job at a time per process: the previous one has ended
+        _run_lock.release()
+        _run_lock = None
     outcome = [None, []]
     if rank() == 0:
         try:
