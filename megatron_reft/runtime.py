@@ -4,6 +4,7 @@ resume from. Kept here so trainer files read as the algorithm."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -61,13 +62,16 @@ def exit_on_config_error(fn):
             _report(f"error: {err}")
             return err.exit_code
         except OSError as err:  # e.g. disk full while writing metrics.jsonl or config.yaml
-            if err.errno is None:
-                raise
+            if err.errno not in STORAGE_ERRNOS:
+                raise  # anything else is a bug: keep the traceback
             from megatron_reft.reliability.storage import describe_failure
 
             _report(f"error: {describe_failure(err, err.filename or '.')}")
             return EXIT_FAULT
     return wrapper
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
 
 
 def _report(message: str) -> None:
