@@ -25,6 +25,7 @@ from megatron_reft.checkpoint.io import unwrap
 from megatron_reft.models.build import build_model, init_weights, reset_value_head
 from megatron_reft.models.families import ModelConfig
 from megatron_reft.models.vocab_parallel import token_logprobs_and_entropy
+from megatron_reft.reliability.numerics import step_is_finite
 
 LossFn = Callable[[dict, dict], tuple]
 
@@ -188,10 +189,15 @@ class Engine:
             micro_batch_size=batch, forward_only=forward_only)
 
     def train_step(self, microbatches: list[dict], loss_fn: LossFn) -> dict:
-        """One optimizer step over the micro-batches (a mini-batch on this DP rank)."""
+        """One optimizer step over the micro-batches (a mini-batch on this DP rank); skipped
+        (update_ok False, grad_norm NaN) when any rank's loss or gradients are non-finite."""
         self.module.zero_grad_buffer()
         self.optimizer.zero_grad()
         stats = self.forward_backward(microbatches, loss_fn)
+        if not step_is_finite(self.module, stats):  # skip: NaN must not reach the weights
+            self.module.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return {"stats": stats, "grad_norm": float("nan"), "update_ok": False}
         update_ok, grad_norm, _ = self.optimizer.step()
         return {"stats": stats, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                 "update_ok": bool(update_ok)}

@@ -4,6 +4,7 @@ resume from. Kept here so trainer files read as the algorithm."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -45,24 +46,91 @@ def load_and_validate(config_path, overrides, job: str) -> Config:
 
 
 def exit_on_config_error(fn):
-    """Config problems print one line per problem and exit 2, before any rank starts work."""
+    """Config problems print one line per problem and exit 2, before any rank starts work;
+    handled faults (reliability.JobError: storage, non-finite, run lock) and storage OSErrors
+    print one line and exit with their code (docs/reliability.md). MEGATRON_REFT_DEBUG=1 adds
+    the traceback."""
+    from megatron_reft.reliability.errors import EXIT_FAULT, JobError
+
     def wrapper(argv=None):
         try:
             return fn(argv)
         except ConfigError as err:
-            print(f"config error:\n{err}", file=sys.stderr)
+            _report(f"config error:\n{err}")
             return 2
+        except JobError as err:
+            _report(f"error: {err}")
+            return err.exit_code
+        except OSError as err:  # e.g. disk full while writing metrics.jsonl or config.yaml
+            if err.errno not in STORAGE_ERRNOS:
+                raise  # anything else is a bug: keep the traceback
+            from megatron_reft.reliability.storage import describe_failure
+
+            _report(f"error: {describe_failure(err, err.filename or '.')}")
+            return EXIT_FAULT
     return wrapper
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
+
+
+def _report(message: str) -> None:
+    """Once per job: errors past start-up are agreed by all ranks, so rank 0 speaks for them."""
+    if os.environ.get("MEGATRON_REFT_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exc()
+    if rank() == 0 or not dist.is_initialized():
+        print(message, file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------- distributed
-def start(config: Config) -> dist_init.LaunchEnv:
+def start(config: Config, job: str | None = None) -> dist_init.LaunchEnv:
+    """Start the world. A training `job` ("sft", "ppo") also takes trainer.output_dir (one job per
+    run directory), cleans up what a killed predecessor left, and starts the hang watchdog."""
+    from megatron_reft.reliability import orphans, watchdog
+
     p = config.parallel
+    orphans.install_parent_death_signal_for_forks()
     launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    if launch.launcher == "torchrun":
+        orphans.die_with_launcher()
     if config.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if job is not None:
+        claim_run_dir(config, job)
+        watchdog.start(config.trainer.hang_timeout_s, rank())
     return launch
+
+
+def claim_run_dir(config: Config, job: str) -> None:
+    """Rank 0 locks the run directory and removes stale `*.tmp` / restores interrupted swaps;
+    every rank learns the outcome (a refusal ends all ranks with the same line)."""
+    from megatron_reft.reliability import RunLockError, runlock
+    from megatron_reft.reliability.storage import recover_interrupted_swaps
+
+    global _run_lock
+    if _run_lock is not None:  # one job at a time per process: the previous one has ended
+        _run_lock.release()
+        _run_lock = None
+    outcome = [None, []]
+    if rank() == 0:
+        try:
+            _run_lock = runlock.acquire(config.trainer.output_dir, job)
+            outcome[1] = recover_interrupted_swaps(Path(config.trainer.output_dir) / "checkpoints")
+            outcome[1] += recover_interrupted_swaps(config.trainer.output_dir)
+        except RunLockError as err:
+            outcome[0] = str(err)
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RunLockError(outcome[0])
+    for action in outcome[1]:
+        print0(f"start-up: {action}")
+
+
+_run_lock = None
 
 
 def rank() -> int:
@@ -129,17 +197,32 @@ def load_data(config: Config, need_train: bool = True) -> Data:
         if source is None:
             raise ConfigError("data.tokenizer: no tokenizer (set data.tokenizer or use a model.load "
                               "checkpoint that has tokenizer/)")
-        data = Data(load_tokenizer(source), source)
+        data = Data(_user_input("data.tokenizer", load_tokenizer, source), source)
         if need_train and d.train_file:
-            data.train, report = load_records(d.train_file, d.cot_type, d.format, d.on_malformed)
+            data.train, report = _user_input("data.train_file", load_records, d.train_file, d.cot_type,
+                                             d.format, d.on_malformed)
             print0(f"train data: {report}")
         if d.eval_file:
-            data.eval, report = load_records(d.eval_file, d.cot_type, d.format, d.on_malformed,
-                                             require_cot=False)
+            data.eval, report = _user_input("data.eval_file", load_records, d.eval_file, d.cot_type,
+                                            d.format, d.on_malformed, require_cot=False)
             print0(f"eval data: {report}")
     if d.max_eval_items is not None:
         data.eval = data.eval[:d.max_eval_items]
     return data
+
+
+def _user_input(key: str, load, path, *args, **kwargs):
+    """Load a user-named file; any failure becomes one line naming the key, the file and the
+    problem (a broken tokenizer.json, non-UTF-8 bytes, malformed records), exit 2."""
+    try:
+        return load(path, *args, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as err:  # whatever a parser raises, it is the input's fault here
+        text = " ".join(str(err).split()) or type(err).__name__
+        if str(path) not in text:
+            text = f"{path}: {text}"
+        raise ConfigError(f"{key}: {text[:400]}") from err
 
 
 def model_config_for(config: Config, data: Data) -> ModelConfig:
@@ -226,10 +309,13 @@ class Timer:
         self.times: dict[str, float] = {}
 
     def __call__(self, name: str):
+        from megatron_reft.reliability import watchdog
+
         timer = self
 
         class _Phase:
             def __enter__(self):
+                watchdog.enter(name)  # every timed phase is watched for hangs
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
@@ -238,6 +324,7 @@ class Timer:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+                watchdog.enter(f"after {name}")
 
         return _Phase()
 
@@ -255,7 +342,15 @@ def out_of_time(started: float, max_seconds: float | None) -> bool:
     return bool(flag.item())
 
 
-def write_run_config(config: Config) -> None:
+def write_run_config(config: Config, model: ModelConfig | None = None, job: str | None = None) -> None:
+    """Write config.yaml, after checking (given the model) that a resume is safe: the saved
+    config and checkpoint are compared with this one first (reliability/resume.py)."""
+    if model is not None:
+        from megatron_reft.reliability.resume import check_resume
+
+        checkpoint = resume_source(config)
+        for line in check_resume(config, model, checkpoint, job) if checkpoint is not None else []:
+            print0(line)
     if rank() == 0:
         save_config(config, Path(config.trainer.output_dir) / "config.yaml")
 

@@ -123,7 +123,8 @@ def _checkpoint_worker(rank, world_size, root):
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_checkpoint(root / "step_2", a.module, mc, optimizer=a.optimizer,
                         trainer_state={"step": 2}, tokenizer=_CrashingTokenizer())
-    assert any((root / "step_2.tmp" / "weights").iterdir())
+    assert not (root / "step_2.tmp").exists()  # a failed save removes its partial write (a killed
+    # one leaves it for the next start-up's clean-up, reliability/storage.py)
     assert not (root / "step_2").exists()
     assert latest_checkpoint(root) == root / "step_1"
     assert (root / LATEST).read_text() == "step_1\n"

@@ -7,9 +7,9 @@ Layout of a checkpoint directory:
     trainer_state.json  step, epoch, data position, metrics (training checkpoints only)
     rng/rank_<r>.pt     every rank's RNG states (exact resume)
 
-A checkpoint is written into `<name>.tmp` and renamed into place by rank 0 after all ranks
-finished, then `latest` (a one-line file) is replaced atomically: a crash leaves either the old
-or the new checkpoint, never a half-written "latest".
+A checkpoint is written into `<name>.tmp`, fsync'd, and swapped into place by rank 0 after all
+ranks finished (reliability/storage.py), then `latest` (a one-line file) is replaced atomically
+and durably: a crash leaves either the old or the new checkpoint, never a half-written "latest".
 """
 from __future__ import annotations
 
@@ -92,48 +92,126 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(directory: str | Path, model_chunk, model: ModelConfig, *, optimizer=None,
                     trainer_state: dict | None = None, tokenizer=None,
                     update_latest: bool = True, carry_from: str | Path | None = None) -> Path:
-    """Save model (+ optimizer, trainer state, RNG) to `directory`, atomically.
+    """Save model (+ optimizer, trainer state, RNG) to `directory`, atomically and durably.
 
     `carry_from`: the checkpoint training started from; its `hf/` side files are copied along.
+    A storage failure on any rank (disk full, I/O error) raises StorageError on every rank with
+    one line naming the path and errno; the unfinished `<name>.tmp` is removed and `latest` /
+    an existing `<name>` are untouched (docs/reliability.md).
     """
-    from megatron.core import dist_checkpointing
+    from megatron_reft.reliability import orphans, watchdog
 
+    watchdog.enter("save")
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "weights").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    _barrier()
-    state = model_sharded_state_dict(model_chunk)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
-    dist_checkpointing.save(state, str(tmp / "weights"))
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        write_model_yaml(tmp, model)
-        if tokenizer is not None:  # anything with save(dir): our Tokenizer, an HF tokenizer
-            tokenizer.save(str(tmp / "tokenizer"))
-        if carry_from is not None and (Path(carry_from) / "hf").is_dir():
-            # The original HF config/extra rows travel with every descendant checkpoint, so
-            # `convert megatron-to-hf` of a trained checkpoint needs no --source.
-            shutil.copytree(Path(carry_from) / "hf", tmp / "hf")
-        if trainer_state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if update_latest:
-            mark_latest(final)
-    _barrier()
+    orphans.keep_checkpoint_writer_in_process()
+    refuse_non_finite_weights(model_chunk, final)
+    _agree_or_raise(tmp, _on_rank0(lambda: _fresh_tmp(tmp)))
+    _agree_or_raise(tmp, _attempt(lambda: _write_shards(tmp, model_chunk, optimizer)))
+    _agree_or_raise(tmp, _on_rank0(lambda: _finish(tmp, final, model, tokenizer, carry_from,
+                                                   trainer_state, update_latest)))
+    watchdog.enter("after save")
     return final
 
 
+def refuse_non_finite_weights(model_chunk, destination: Path) -> None:
+    """Non-finite weights are never saved (they would become `latest`): NonFiniteError on every
+    rank if any rank holds a NaN/Inf parameter."""
+    from megatron_reft.reliability import NonFiniteError
+
+    bad = torch.tensor([0.0])
+    for param in unwrap(model_chunk).parameters():
+        if not torch.isfinite(param.detach()).all():
+            bad[0] = 1.0
+            break
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        latest = latest_checkpoint(destination.parent)
+        raise NonFiniteError(f"refusing to save {destination.name}: the model holds non-finite weights "
+                             f"(last good checkpoint: {latest if latest is not None else 'none'})")
+
+
+def _attempt(fn) -> BaseException | None:
+    try:
+        fn()
+        return None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # reported collectively by _agree_or_raise; torch's
+        return err                # CheckpointException derives from BaseException
+
+
+def _on_rank0(fn) -> BaseException | None:
+    return _attempt(fn) if _rank() == 0 else None
+
+
+def _fresh_tmp(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "weights").mkdir(parents=True)
+    (tmp / "rng").mkdir()
+
+
+def _write_shards(tmp: Path, model_chunk, optimizer) -> None:
+    from megatron.core import dist_checkpointing
+
+    from megatron_reft.reliability.storage import fsync_file
+
+    state = model_sharded_state_dict(model_chunk)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+    dist_checkpointing.save(state, str(tmp / "weights"))  # megatron fsyncs the shard files
+    rng_file = tmp / "rng" / f"rank_{_rank():05d}.pt"
+    torch.save(rng_state(), rng_file)
+    fsync_file(rng_file)
+
+
+def _finish(tmp: Path, final: Path, model: ModelConfig, tokenizer, carry_from, trainer_state,
+            update_latest: bool) -> None:
+    from megatron_reft.reliability.storage import fsync_tree, replace_directory
+
+    write_model_yaml(tmp, model)
+    if tokenizer is not None:  # anything with save(dir): our Tokenizer, an HF tokenizer
+        tokenizer.save(str(tmp / "tokenizer"))
+    if carry_from is not None and (Path(carry_from) / "hf").is_dir():
+        # The original HF config/extra rows travel with every descendant checkpoint, so
+        # `convert megatron-to-hf` of a trained checkpoint needs no --source.
+        shutil.copytree(Path(carry_from) / "hf", tmp / "hf")
+    if trainer_state is not None:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    fsync_tree(tmp)  # complete on disk before anything points at it
+    replace_directory(tmp, final)
+    if update_latest:
+        mark_latest(final)
+
+
+def _agree_or_raise(tmp: Path, error: BaseException | None) -> None:
+    """Every rank learns whether any rank failed; all raise the same one-line StorageError."""
+    from megatron_reft.reliability import StorageError
+    from megatron_reft.reliability.storage import describe_failure
+
+    line = None if error is None else describe_failure(error, tmp)
+    lines = [line]
+    if dist.is_initialized():
+        lines = [None] * dist.get_world_size()
+        dist.all_gather_object(lines, line)
+    failed = [(r, text) for r, text in enumerate(lines) if text is not None]
+    if not failed:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial write took
+    latest = latest_checkpoint(tmp.parent)
+    rank, text = failed[0]
+    if error is not None and "[Errno " not in line:
+        raise error  # not a storage fault but a bug: keep its traceback (the others report it)
+    kept = f"latest is still {latest.name}" if latest is not None else "no earlier checkpoint"
+    raise StorageError(f"checkpoint save failed on rank {rank}: {text} ({kept})") from error
+
+
 def mark_latest(checkpoint: Path) -> None:
-    pointer = checkpoint.parent / LATEST
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(checkpoint.name + "\n")
-    os.replace(tmp, pointer)
+    from megatron_reft.reliability.storage import write_text_durably
+
+    write_text_durably(checkpoint.parent / LATEST, checkpoint.name + "\n")
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
@@ -185,7 +263,7 @@ def prune_checkpoints(checkpoints_dir: str | Path, keep_last: int, protect: tupl
     if _rank() != 0:
         return
     root = Path(checkpoints_dir)
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),  # not .tmp/.old
                    key=lambda p: int(p.name.split("_")[1]))
     latest = latest_checkpoint(root)
     for old in steps[:-keep_last] if keep_last > 0 else []:

@@ -99,6 +99,10 @@ class TrainerSection:
     wandb_project: Optional[str] = None
     progress_bar: bool = True
     deterministic: bool = True
+    # Fault tolerance (docs/reliability.md): stop after this many consecutive non-finite
+    # (skipped) steps, 0: never stop; a rank stuck in one phase this long exits, null: no watchdog.
+    max_nonfinite_steps: int = 5
+    hang_timeout_s: Optional[float] = 3600.0
 
 
 @dataclass

@@ -25,7 +25,11 @@ class ResumableBatchSampler:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         if num_samples < (global_batch_size if drop_last else 1):
-            raise ValueError(f"{num_samples} samples cannot fill one global batch of {global_batch_size}")
+            from megatron_reft.config.load import ConfigError  # a ValueError; the CLI exits 2 on it
+
+            raise ConfigError(f"data.train_file: {num_samples} usable samples cannot fill one global batch of "
+                              f"{global_batch_size} (too few records, or too many longer than "
+                              "data.max_length / data.max_prompt_length)")
         self.num_samples, self.global_batch_size = num_samples, global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last

@@ -33,13 +33,21 @@ class _Malformed(Exception):
 
 def _read_json_rows(path: str) -> tuple[str, list]:
     """(container, rows): a JSON list, or JSON lines (a bad line becomes an _Malformed row)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}, "
+                         f"line {line}); convert the file to UTF-8") from None
     if text.lstrip().startswith("["):
         try:
-            return "json list", json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
+        return "json list", rows
+    _refuse_single_json_document(path, text)
     rows = []
     for line in text.splitlines():
         if not line.strip():
@@ -49,6 +57,20 @@ def _read_json_rows(path: str) -> tuple[str, list]:
         except json.JSONDecodeError as error:
             rows.append(_Malformed("invalid_json", f"{error.msg} at column {error.colno}"))
     return "json lines", rows
+
+
+def _refuse_single_json_document(path: str, text: str) -> None:
+    """A file that is one JSON value spread over several lines (e.g. {"data": [...]}) is neither
+    a JSON list nor JSON lines: say so instead of reporting every line as a malformed record."""
+    if len([line for line in text.splitlines() if line.strip()]) < 2:
+        return  # one line: a one-record JSON-lines file
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    kind = type(value).__name__ if not isinstance(value, dict) else f"object with keys {sorted(value)[:5]}"
+    raise ValueError(f"{path}: a single JSON {kind}, expected a JSON list of records or JSON lines "
+                     "(one record per line)")
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:

@@ -18,6 +18,8 @@ from megatron_reft import runtime
 from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_reft.critic import SharedTrunkCritic
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
+from megatron_reft.reliability import watchdog
+from megatron_reft.reliability.numerics import NonFiniteGuard, rollout_is_finite
 from megatron_reft.rl import ppo_math
 from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
 from megatron_reft.sft.trainer import build_engine
@@ -84,11 +86,11 @@ def _broadcast_keys(keys: list[str]) -> list[str]:
 class PPOTrainer:
     def __init__(self, config):
         self.config = config
-        self.launch = runtime.start(config)
+        self.launch = runtime.start(config, job="ppo")
         runtime.print0(runtime.layout_line(config) + f" (launcher: {self.launch.launcher})")
         self.data = runtime.load_data(config)
         self.model_cfg = runtime.model_config_for(config, self.data)
-        runtime.write_run_config(config)
+        runtime.write_run_config(config, self.model_cfg, job="ppo")
         self.policy = build_engine(config, self.model_cfg, optim=True, value_head=True)
         self.reference = build_engine(config, self.model_cfg, optim=False)
         self.critic = SharedTrunkCritic(self.policy)
@@ -198,7 +200,9 @@ class PPOTrainer:
         p, t = self.config.ppo, self.config.trainer
         _, dp_size = runtime.dp_rank_and_size()
         mini = (p.mini_batch_size or p.rollout_batch_size) // dp_size
-        stats, grad_norms = [], []
+        stats, grad_norms, all_ok = [], [], True
+        if not rollout_is_finite(batch.tensors, batch.action_mask):  # NaN rewards/values/advantages
+            return {"grad_norm": float("nan"), "update_ok": False}
         with timer("update"):
             self.policy.set_lr(self.config.optim.lr)  # reft.md §5: constant
             for _ in range(p.ppo_epochs):  # full batch each, no reshuffle needed (§5)
@@ -209,8 +213,10 @@ class PPOTrainer:
                     self.critic.update(mbs)
                     stats += result["stats"]
                     grad_norms.append(result["grad_norm"])
+                    all_ok = all_ok and result["update_ok"]
         reduced = reduce_stats(stats)
         reduced["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        reduced["update_ok"] = all_ok
         return reduced
 
     def step_metrics(self, batch, adv: dict, update: dict, timer, seconds: float) -> dict:
@@ -246,6 +252,7 @@ class PPOTrainer:
         if not self.data.eval:
             return None
         self.policy.module.eval()
+        watchdog.enter("eval")
         accuracy, _ = greedy_accuracy(self.policy, self.data.tokenizer, self.data.eval, self.config, self.scorer)
         return accuracy
 
@@ -264,6 +271,7 @@ class PPOTrainer:
         eval_every = t.eval_interval or self.sampler.batches_per_epoch
         save_every = t.save_interval or self.sampler.batches_per_epoch
         metrics, last_saved = {}, self.step
+        guard = NonFiniteGuard(t.max_nonfinite_steps, Path(t.output_dir) / "checkpoints")
         started = time.perf_counter()
         # trainer.max_seconds: stop early with a checkpoint (the Slurm scripts use it before the
         # job's time limit, so a requeued job loses nothing).
@@ -274,6 +282,7 @@ class PPOTrainer:
             update = self.update(batch, timer)
             self.step += 1
             metrics = self.step_metrics(batch, adv, update, timer, time.perf_counter() - t0)
+            metrics.update(guard.observe(update["update_ok"]))
             if self.step % eval_every == 0 or self.step == self.max_steps:
                 metrics["eval_accuracy"] = self.evaluate()
                 if metrics["eval_accuracy"] is not None and (self.best_accuracy is None
@@ -281,6 +290,7 @@ class PPOTrainer:
                     self.best_accuracy = metrics["eval_accuracy"]
                     self.save("best", metrics, update_latest=False)
             logger.log(metrics)
+            guard.stop_if_exhausted(self.step)
             if self.step % save_every == 0 or self.step == self.max_steps:
                 self.save(f"step_{self.step}", metrics)
                 last_saved = self.step

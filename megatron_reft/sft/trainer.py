@@ -14,6 +14,8 @@ import torch
 from megatron_reft import runtime
 from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_reft.engine import Engine, OptimSettings, resolve_dtype
+from megatron_reft.reliability import watchdog
+from megatron_reft.reliability.numerics import NonFiniteGuard
 
 
 def sft_loss(mb: dict, out: dict):
@@ -79,11 +81,11 @@ def build_engine(config, model_cfg, optim: bool = True, value_head: bool = False
 def run(config) -> dict:
     from megatron_reft.data import ResumableBatchSampler, encode_sft_records
 
-    launch = runtime.start(config)
+    launch = runtime.start(config, job="sft")
     runtime.print0(runtime.layout_line(config) + f" (launcher: {launch.launcher})")
     data = runtime.load_data(config)
     model_cfg = runtime.model_config_for(config, data)
-    runtime.write_run_config(config)
+    runtime.write_run_config(config, model_cfg, job="sft")
     d, t = config.data, config.trainer
     examples, _, _ = encode_sft_records(data.tokenizer, data.train, d.cot_type, d.max_length, d.on_malformed)
     eval_examples = []
@@ -111,6 +113,7 @@ def run(config) -> dict:
 
     ckpt_dir = Path(t.output_dir) / "checkpoints"
     logger = runtime.MetricsLogger(config, max_steps, step, "sft")
+    guard = NonFiniteGuard(t.max_nonfinite_steps, ckpt_dir)
     pad_id = data.tokenizer.pad_id
 
     def save(name: str, metrics: dict) -> None:
@@ -129,18 +132,21 @@ def run(config) -> dict:
                                    config.optim.warmup_fraction, config.optim.min_lr)
         engine.set_lr(lr)
         engine.module.train()
-        result = engine.train_step(microbatches(batch, t.micro_batch_size, pad_id), sft_loss)
+        with watchdog.phase("update"):
+            result = engine.train_step(microbatches(batch, t.micro_batch_size, pad_id), sft_loss)
         step += 1
         seconds = time.perf_counter() - t0
         tokens = sum(len(e.input_ids) for e in batch) * dp_size
         metrics = {"step": step, "epoch": step / steps_per_epoch, "loss": global_mean(result["stats"]),
                    "lr": lr, "grad_norm": result["grad_norm"], "tokens_per_s": tokens / seconds,
-                   "step_time": seconds}
+                   "step_time": seconds, **guard.observe(result["update_ok"])}
         epoch_end = step % steps_per_epoch == 0
         eval_due = t.eval_interval and step % t.eval_interval == 0
         if eval_examples and (epoch_end or eval_due or step == max_steps):
-            metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
+            with watchdog.phase("eval"):
+                metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
         logger.log(metrics)
+        guard.stop_if_exhausted(step)
         save_due = step % t.save_interval == 0 if t.save_interval else epoch_end
         if save_due or step == max_steps:
             save(f"step_{step}", metrics)
