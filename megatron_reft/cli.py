@@ -10,6 +10,7 @@ COMMANDS = {
     "sft": ("megatron_reft.sft.trainer", "warm-up supervised fine-tuning"),
     "ppo": ("megatron_reft.rl.trainer", "ReFT PPO"),
     "eval": ("megatron_reft.evaluation.run", "greedy accuracy of a checkpoint on a test file"),
+    "offline-st-data": ("megatron_reft.evaluation.offline_st", "offline self-training data: k samples per train question"),
     "score": ("megatron_reft.reward.cli", "score gold CoTs or model responses against answers"),
     "convert": ("megatron_reft.checkpoint.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "demo": ("megatron_reft.demo", "CPU quickstart: synthetic task -> SFT -> PPO -> eval"),

@@ -121,3 +121,26 @@ def test_interrupted_evaluation_resumes_without_duplicates_or_losses(checkpoint,
     proc = _run(_eval_command(checkpoint, out, items, samples=K + 1), tmp_path, expect=2)
     assert "samples: stored 3, now 4" in proc.stderr
     assert (store / "rank0.jsonl").read_text() == snapshot
+
+
+def test_offline_self_training_data_command(checkpoint, tmp_path):
+    """`megatron-reft offline-st-data`: k samples per train question through the same store; the
+    file has every train question's gold record, then its kept samples (each correct, unique)."""
+    from megatron_reft.data import load_records
+
+    out = tmp_path / "st" / "train.jsonl"
+    command = [sys.executable, "-m", "megatron_reft.cli", "offline-st-data", "--config", str(TINY),
+               "--ckpt", str(checkpoint), "--out", str(out), "--samples", "2", f"trainer.output_dir={tmp_path}",
+               "data.synthetic_train_items=8", "ppo.generation_micro_batch=8", *COMMON]
+    summary = _json_line(_run(command, tmp_path).stdout)
+    stored = {item["id"]: item for item in _lines(Path(str(out) + ".samples"))}
+    assert len(stored) == 8 and all(len(item["samples"]) == 2 for item in stored.values())
+    records, _ = load_records(str(out), "ncot")
+    gold = [r for r in records if "-s" not in r.id]
+    assert len(gold) == summary["questions"] == 8 and summary["records"] == len(records)
+    correct = sum(s["correct"] for item in stored.values() for s in item["samples"])
+    assert summary["samples_kept"] <= correct and summary["sampled_now_rank0"] == 8
+    # rerun: nothing left to sample, the same file
+    before = out.read_text()
+    again = _json_line(_run(command, tmp_path).stdout)
+    assert again["sampled_now_rank0"] == 0 and out.read_text() == before
