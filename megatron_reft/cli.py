@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "sft": ("megatron_reft.sft.trainer", "warm-up supervised fine-tuning"),
     "ppo": ("megatron_reft.rl.trainer", "ReFT PPO"),
+    "online-st": ("megatron_reft.rl.online_st", "online self-training baseline (reft.md §6)"),
     "eval": ("megatron_reft.evaluation.run", "greedy accuracy of a checkpoint on a test file"),
     "offline-st-data": ("megatron_reft.evaluation.offline_st", "offline self-training data: k samples per train question"),
     "score": ("megatron_reft.reward.cli", "score gold CoTs or model responses against answers"),
