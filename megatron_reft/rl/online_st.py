@@ -60,6 +60,26 @@ def online_st_loss_fn(num_sample_tokens: torch.Tensor, num_gold_tokens: torch.Te
     return loss_fn
 
 
+def online_st_train_step(engine, combined, sample_rows: list[int], micro_batch_size: int) -> dict:
+    """One optimizer step on this rank's share of a mini-batch: `sample_rows` of the combined
+    batch (samples in rows [0, B), their gold CoTs at [B, 2B)) and the matching gold rows."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    n = combined.size // 2
+    rows = list(sample_rows) + [n + r for r in sample_rows]
+    mask = combined.action_mask[rows]
+    gold = combined.tensors["is_gold"][rows].bool()
+    correct = correct_sample_mask(combined.tensors["scores"][rows], mask)
+    mbs = micro_batches(combined, rows, micro_batch_size)
+    # correct-sample tokens, gold tokens, micro-batches: over the whole mini-batch (all DP ranks)
+    counts = torch.stack([correct[~gold].sum(), mask[gold].sum(), torch.tensor(len(mbs))]).double()
+    if dist.is_initialized():
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+    loss_fn = online_st_loss_fn(counts[0].float(), counts[1].float(), int(counts[2]))
+    return engine.train_step(mbs, loss_fn)
+
+
 class OnlineSTTrainer(PPOTrainer):
     def __init__(self, config):  # PPOTrainer's set-up without the reference model and value head
         self.config = config
@@ -124,9 +144,6 @@ class OnlineSTTrainer(PPOTrainer):
                 "statuses": [r.status for r in results]}
 
     def update(self, batch, timer) -> dict:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
         p, t = self.config.ppo, self.config.trainer
         combined, n = self._combined, batch.size
         _, dp_size = runtime.dp_rank_and_size()
@@ -137,16 +154,7 @@ class OnlineSTTrainer(PPOTrainer):
             for _ in range(p.ppo_epochs):
                 for start in range(0, n, mini):
                     sample_rows = list(range(start, min(start + mini, n)))
-                    rows = sample_rows + [n + r for r in sample_rows]
-                    mask = combined.action_mask[rows]
-                    gold = combined.tensors["is_gold"][rows].bool()
-                    counts = torch.stack([correct_sample_mask(combined.tensors["scores"][rows], mask)[~gold].sum(),
-                                          mask[gold].sum()]).double()
-                    if dist.is_initialized():
-                        dist.all_reduce(counts, group=ps.get_data_parallel_group())
-                    mbs = micro_batches(combined, rows, t.micro_batch_size)
-                    loss_fn = online_st_loss_fn(counts[0].float(), counts[1].float(), len(mbs) * dp_size)
-                    result = self.policy.train_step(mbs, loss_fn)
+                    result = online_st_train_step(self.policy, combined, sample_rows, t.micro_batch_size)
                     stats += result["stats"]
                     grad_norms.append(result["grad_norm"])
         reduced = reduce_stats(stats)
