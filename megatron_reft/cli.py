@@ -12,6 +12,7 @@ COMMANDS = {
     "online-st": ("megatron_reft.rl.online_st", "online self-training baseline (reft.md §6)"),
     "eval": ("megatron_reft.evaluation.run", "greedy accuracy of a checkpoint on a test file"),
     "offline-st-data": ("megatron_reft.evaluation.offline_st", "offline self-training data: k samples per train question"),
+    "train-rm": ("megatron_reft.evaluation.train_rm", "reward model (correct/incorrect classifier) for reranking"),
     "score": ("megatron_reft.reward.cli", "score gold CoTs or model responses against answers"),
     "convert": ("megatron_reft.checkpoint.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "demo": ("megatron_reft.demo", "CPU quickstart: synthetic task -> SFT -> PPO -> eval"),

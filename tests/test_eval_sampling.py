@@ -123,9 +123,10 @@ def test_interrupted_evaluation_resumes_without_duplicates_or_losses(checkpoint,
     assert (store / "rank0.jsonl").read_text() == snapshot
 
 
-def test_offline_self_training_data_command(checkpoint, tmp_path):
+def test_offline_st_data_then_reward_model_then_reranking(checkpoint, tmp_path):
     """`megatron-reft offline-st-data`: k samples per train question through the same store; the
-    file has every train question's gold record, then its kept samples (each correct, unique)."""
+    file has every train question's gold record, then its kept samples (each correct, unique).
+    Those samples train the reward model (`train-rm`), which `eval --reranker` then uses."""
     from megatron_reft.data import load_records
 
     out = tmp_path / "st" / "train.jsonl"
@@ -144,3 +145,25 @@ def test_offline_self_training_data_command(checkpoint, tmp_path):
     before = out.read_text()
     again = _json_line(_run(command, tmp_path).stdout)
     assert again["sampled_now_rank0"] == 0 and out.read_text() == before
+
+    # the reward model on those train samples, initialised from the SFT checkpoint
+    rm_dir = tmp_path / "rm"
+    _run([sys.executable, "-m", "megatron_reft.cli", "train-rm", "--config", str(TINY),
+          "--samples-dir", str(out) + ".samples", f"model.load={checkpoint}", f"trainer.output_dir={rm_dir}",
+          "data.synthetic_train_items=8", "trainer.epochs=1", "trainer.global_batch_size=8",
+          "data.max_total_length=256", *COMMON], tmp_path)  # + EOS on responses cut at 192
+    rm_rows = [json.loads(x) for x in (rm_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rm_rows] == [1, 2]  # 16 samples / batch 8
+    rm_ckpt = rm_dir / "checkpoints" / "step_2"
+
+    # reranking: rerank_at_k beside maj/pass; P(correct) recomputed from the stored samples agrees
+    eval_out = tmp_path / "rerank" / "predictions.jsonl"
+    line = _json_line(_run(_eval_command(checkpoint, eval_out, items=4) + ["--reranker", str(rm_ckpt)],
+                           tmp_path).stdout)
+    items = _lines(eval_out.with_suffix(".samples"))
+    assert 0.0 <= line["rerank_at_k"] <= line["pass_at_k"]
+    assert sum(any(s["correct"] for s in i["samples"]) for i in items) / 4 >= line["rerank_at_k"]
+    # an SFT checkpoint has no classification head: refused, one line, exit 2
+    proc = _run(_eval_command(checkpoint, tmp_path / "bad" / "p.jsonl", items=4) + ["--reranker", str(checkpoint)],
+                tmp_path, expect=2)
+    assert "has no classification head" in proc.stderr

@@ -73,3 +73,43 @@ def encode_pair(tokenizer, question: str, response: str) -> tuple[list[int], lis
     from megatron_reft.data.prompts import build_prompt
 
     return tokenizer.encode(build_prompt(question)), tokenizer.encode(response) + [tokenizer.eos_id]
+
+
+def load_reranker(config, model_cfg, ckpt: str):
+    """A value-head engine with the reward model's weights; refuses a checkpoint without a head
+    (an SFT checkpoint is the reward model's initialisation, not a reward model)."""
+    from megatron_reft import runtime
+    from megatron_reft.checkpoint.io import checkpoint_tensor_keys, load_checkpoint
+    from megatron_reft.sft.trainer import build_engine
+
+    if not any("value_head" in key for key in checkpoint_tensor_keys(ckpt)):
+        raise runtime.ConfigError(f"--reranker: {ckpt} has no classification head (train one with "
+                                  "`megatron-reft train-rm`)")
+    engine = build_engine(config, model_cfg, optim=False, value_head=True)
+    load_checkpoint(ckpt, engine.module)
+    return engine
+
+
+def score_stored_samples(engine, tokenizer, records: list, stored: dict, max_length: int,
+                         micro_batch_size: int) -> dict[str, list[float]]:
+    """id -> P(correct) per stored sample, this DP rank's strided share of `records` gathered on
+    every rank. A sample longer than `max_length` tokens gets 0.0 (picked only if nothing else is)."""
+    from megatron_reft import runtime
+    from megatron_reft.data import eval_shard
+    from megatron_reft.evaluation.run import _all_gather
+
+    dp_rank, dp_size = runtime.dp_rank_and_size()
+    scores = []
+    for i in eval_shard(len(records), dp_rank, dp_size):
+        item = stored.get(str(records[i].id))
+        if item is None:
+            continue
+        pairs = [encode_pair(tokenizer, records[i].question, s["response"]) for s in item["samples"]]
+        fits = [j for j, (p, r) in enumerate(pairs) if len(p) + len(r) <= max_length]
+        probs = p_correct(engine, [pairs[j][0] for j in fits], [pairs[j][1] for j in fits], tokenizer.pad_id,
+                          micro_batch_size)
+        row = [0.0] * len(pairs)
+        for j, q in zip(fits, probs):
+            row[j] = q
+        scores.append((str(records[i].id), row))
+    return dict(_all_gather(scores))

@@ -73,7 +73,7 @@ def greedy_accuracy(engine, tokenizer, records: list, config, scorer, batch_size
 
 
 def run(config, ckpt: str, out_path: str | None, samples: int | None = None, temperature: float = 1.0,
-        samples_dir: str | None = None) -> float:
+        samples_dir: str | None = None, reranker: str | None = None) -> float:
     from megatron_reft.checkpoint.io import load_checkpoint
     from megatron_reft.sft.trainer import build_engine
 
@@ -89,13 +89,18 @@ def run(config, ckpt: str, out_path: str | None, samples: int | None = None, tem
         samples_dir = samples_dir or str(out.with_suffix(".samples"))
         check_store_settings(SampleStore(samples_dir), {"samples": samples, "temperature": temperature,
                                                         "checkpoint": str(ckpt)})
+    rm_engine = None
+    if reranker:  # refused before anything is written if it has no classification head
+        from megatron_reft.evaluation.reward_model import load_reranker
+
+        rm_engine = load_reranker(config, model_cfg, reranker)
     engine = build_engine(config, model_cfg, optim=False)
     load_checkpoint(ckpt, engine.module)
     sampled = {}
     with make_scorer(config) as scorer:
         accuracy, predictions = greedy_accuracy(engine, data.tokenizer, data.eval, config, scorer)
         if samples:
-            sampled = evaluate_sampled(engine, data, config, scorer, samples, temperature, samples_dir)
+            sampled = evaluate_sampled(engine, data, config, scorer, samples, temperature, samples_dir, rm_engine)
     if runtime.rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(p) + "\n" for p in predictions))
@@ -114,12 +119,14 @@ def main(argv=None) -> int:
         parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples")
         parser.add_argument("--samples-dir", help="per-question samples, resumable "
                                                   "(default: the --out path with suffix .samples)")
+        parser.add_argument("--reranker", metavar="CKPT", help="with --samples: reward-model checkpoint "
+                                                               "(megatron-reft train-rm) for rerank_at_k")
 
     args = runtime.parse_job_args(argv, "eval", "Greedy accuracy of a checkpoint on data.eval_file.", extra)
     overrides = list(args.overrides)
     config = runtime.load_and_validate(args.config, overrides + [f"model.load={args.ckpt}"], job="eval")
     _check_sampling_args(args)
-    run(config, args.ckpt, args.out, args.samples, args.temperature, args.samples_dir)
+    run(config, args.ckpt, args.out, args.samples, args.temperature, args.samples_dir, args.reranker)
     from megatron_reft.distributed.init import shutdown
 
     shutdown()
@@ -129,5 +136,9 @@ def main(argv=None) -> int:
 def _check_sampling_args(args) -> None:
     if args.samples is not None and args.samples < 1:
         raise runtime.ConfigError(f"--samples: must be >= 1, got {args.samples}")
+    if args.reranker and not args.samples:
+        raise runtime.ConfigError("--reranker: needs --samples K (it reranks the K samples)")
+    if args.reranker and not (Path(args.reranker) / "weights").is_dir():
+        raise runtime.ConfigError(f"--reranker: not a checkpoint directory: {args.reranker}")
     if not args.temperature >= 0:
         raise runtime.ConfigError(f"--temperature: must be >= 0, got {args.temperature}")

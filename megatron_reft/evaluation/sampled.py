@@ -131,13 +131,17 @@ def _score_batch(tokenizer, recs, tokens, k, cot_type, scorer, response_text) ->
     return lines
 
 
-def sampled_metrics(store: SampleStore, records: list, k: int) -> dict:
-    """maj_at_k / pass_at_k (/ rerank_at_k) over ALL records: a question with no stored samples
-    (prompt too long) counts as wrong, as in greedy_accuracy."""
+def sampled_metrics(store: SampleStore, records: list, k: int, p_correct: dict | None = None) -> dict:
+    """maj_at_k / pass_at_k (/ rerank_at_k with `p_correct`: id -> P(correct) per sample) over ALL
+    records: a question with no stored samples (prompt too long) counts as wrong, as in
+    greedy_accuracy."""
     from megatron_reft.evaluation.voting import sample_metrics
 
     stored = store.load()
     items = [stored[str(r.id)]["samples"] for r in records if str(r.id) in stored]
+    if p_correct is not None:
+        items = [[{**s, "p_correct": p} for s, p in zip(stored[str(r.id)]["samples"], p_correct[str(r.id)])]
+                 for r in records if str(r.id) in stored]
     metrics = sample_metrics(items, k) if items else {"maj_at_k": 0.0, "pass_at_k": 0.0}
     share = len(items) / max(len(records), 1)
     return {name: value * share for name, value in metrics.items()} | {"sampled_items": len(items)}
@@ -160,7 +164,8 @@ def check_store_settings(store: SampleStore, settings: dict) -> None:
         meta.write_text(json.dumps(settings) + "\n")
 
 
-def evaluate_sampled(engine, data, config, scorer, k: int, temperature: float, store_dir) -> dict:
+def evaluate_sampled(engine, data, config, scorer, k: int, temperature: float, store_dir,
+                     reranker=None) -> dict:
     """Sample (or finish sampling) k responses per eval question; the JSON line's extra fields."""
     from megatron_reft.evaluation.run import _all_gather
 
@@ -169,6 +174,12 @@ def evaluate_sampled(engine, data, config, scorer, k: int, temperature: float, s
                                    batch_sequences=config.ppo.generation_micro_batch or 64,
                                    progress=config.trainer.progress_bar)
     sampled_now = sum(_all_gather([sampled_now if _is_writer() else 0]))
-    metrics = sampled_metrics(store, data.eval, k)
+    p_correct = None
+    if reranker is not None:  # reft.md §6 reranking: P(correct) of every stored sample
+        from megatron_reft.evaluation.reward_model import score_stored_samples
+
+        p_correct = score_stored_samples(reranker, data.tokenizer, data.eval, store.load(),
+                                         config.data.max_total_length, config.trainer.micro_batch_size)
+    metrics = sampled_metrics(store, data.eval, k, p_correct)
     return {"k": k, "temperature": temperature, **metrics, "sampled_now": sampled_now,
             "samples_dir": str(store.root)}
