@@ -96,6 +96,7 @@ def sample_questions(engine, tokenizer, records: list, config, scorer, k: int, t
     prompts, kept, _ = encode_rl_prompts(tokenizer, mine, d.cot_type, d.max_prompt_length, "report")
     per_batch = max(1, batch_sequences // k)
     writer = store.open_writer(runtime.rank()) if _is_writer() else None
+    bar = _question_bar(len(kept), progress)
     try:
         for start in range(0, len(kept), per_batch):
             recs, ps_ = kept[start:start + per_batch], prompts[start:start + per_batch]
@@ -107,15 +108,24 @@ def sample_questions(engine, tokenizer, records: list, config, scorer, k: int, t
             for chunk, lo in enumerate(range(0, len(flat), batch_sequences)):
                 seed = batch_seed(config.trainer.seed, index_of[recs[0].id], chunk)
                 tokens += generate(engine, flat[lo:lo + batch_sequences], tokenizer.eos_id, params,
-                                   seed=seed, progress=progress).tokens
+                                   seed=seed).tokens
             lines = _score_batch(tokenizer, recs, tokens, k, d.cot_type, scorer, response_text)
             if writer is not None:
                 SampleStore.append(writer, lines)
+            bar.update(len(recs))
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
     runtime.barrier()  # the store is complete once every rank is here
     return len(kept)
+
+
+def _question_bar(total: int, enabled: bool):
+    """Rank 0's progress over its own share of questions (the others' shares are the same size)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not (enabled and runtime.rank() == 0), desc="sampling", unit="question")
 
 
 def _score_batch(tokenizer, recs, tokens, k, cot_type, scorer, response_text) -> list[dict]:
