@@ -9,7 +9,10 @@ import sys
 COMMANDS = {
     "sft": ("megatron_reft.sft.trainer", "warm-up supervised fine-tuning"),
     "ppo": ("megatron_reft.rl.trainer", "ReFT PPO"),
+    "online-st": ("megatron_reft.rl.online_st", "online self-training baseline (reft.md §6)"),
     "eval": ("megatron_reft.evaluation.run", "greedy accuracy of a checkpoint on a test file"),
+    "offline-st-data": ("megatron_reft.evaluation.offline_st", "offline self-training data: k samples per train question"),
+    "train-rm": ("megatron_reft.evaluation.train_rm", "reward model (correct/incorrect classifier) for reranking"),
     "score": ("megatron_reft.reward.cli", "score gold CoTs or model responses against answers"),
     "convert": ("megatron_reft.checkpoint.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "demo": ("megatron_reft.demo", "CPU quickstart: synthetic task -> SFT -> PPO -> eval"),

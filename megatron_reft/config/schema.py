@@ -94,6 +94,8 @@ class TrainerSection:
     eval_interval: Optional[int] = None  # steps; None: once per epoch
     save_interval: Optional[int] = None  # steps; None: once per epoch (and always at the end)
     keep_last: int = 2  # checkpoints kept besides "best"
+    keep_epochs: list[int] = field(default_factory=list)  # epoch-end checkpoints never pruned (warm-up: [2])
+    eval_accuracy: bool = True  # sft: greedy test accuracy at each evaluation + a "best" checkpoint
     resume: str = "auto"  # auto (latest in output_dir/checkpoints) | none | <checkpoint dir>
     tensorboard: bool = True
     wandb_project: Optional[str] = None

@@ -107,6 +107,9 @@ def _value_errors(config: Config) -> list[str]:
         errors.append(f"ppo.top_p: {ppo.top_p} must be in (0, 1]")
     if config.trainer.micro_batch_size < 1:
         errors.append("trainer.micro_batch_size: must be >= 1")
+    keep = config.trainer.keep_epochs
+    if not isinstance(keep, list) or not all(type(e) is int and e >= 1 for e in keep):
+        errors.append(f"trainer.keep_epochs: {keep!r} must be a list of epoch numbers >= 1, e.g. [2]")
     return errors
 
 

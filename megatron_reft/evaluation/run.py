@@ -76,7 +76,8 @@ def greedy_accuracy(engine, tokenizer, records: list, config, scorer, batch_size
     return accuracy, everything
 
 
-def run(config, ckpt: str, out_path: str | None) -> float:
+def run(config, ckpt: str, out_path: str | None, samples: int | None = None, temperature: float = 1.0,
+        samples_dir: str | None = None, reranker: str | None = None) -> float:
     from megatron_reft.checkpoint.io import load_checkpoint
     from megatron_reft.sft.trainer import build_engine
 
@@ -85,16 +86,30 @@ def run(config, ckpt: str, out_path: str | None) -> float:
     if not data.eval:
         raise runtime.ConfigError("data.eval_file: evaluation needs a test file")
     model_cfg = runtime.model_config_for(config, data)
+    out = Path(out_path or Path(config.trainer.output_dir) / "predictions.jsonl")
+    if samples:  # k samples per question (docs/evaluation.md), checked before anything is written
+        from megatron_reft.evaluation.sampled import SampleStore, check_store_settings, evaluate_sampled
+
+        samples_dir = samples_dir or str(out.with_suffix(".samples"))
+        check_store_settings(SampleStore(samples_dir), {"samples": samples, "temperature": temperature,
+                                                        "checkpoint": str(ckpt)})
+    rm_engine = None
+    if reranker:  # refused before anything is written if it has no classification head
+        from megatron_reft.evaluation.reward_model import load_reranker
+
+        rm_engine = load_reranker(config, model_cfg, reranker)
     engine = build_engine(config, model_cfg, optim=False)
     load_checkpoint(ckpt, engine.module)
+    sampled = {}
     with make_scorer(config) as scorer:
         accuracy, predictions = greedy_accuracy(engine, data.tokenizer, data.eval, config, scorer)
+        if samples:
+            sampled = evaluate_sampled(engine, data, config, scorer, samples, temperature, samples_dir, rm_engine)
     if runtime.rank() == 0:
-        out = Path(out_path or Path(config.trainer.output_dir) / "predictions.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         print(json.dumps({"checkpoint": str(ckpt), "n": len(predictions), "accuracy": accuracy,
-                          "predictions": str(out)}))
+                          "predictions": str(out), **sampled}))
     return accuracy
 
 
@@ -103,12 +118,31 @@ def main(argv=None) -> int:
     def extra(parser):
         parser.add_argument("--ckpt", required=True, help="checkpoint directory (any TP x PP)")
         parser.add_argument("--out", help="per-item predictions (default: <output_dir>/predictions.jsonl)")
+        parser.add_argument("--samples", type=int, metavar="K",
+                            help="also sample K responses per question: maj_at_k, pass_at_k (docs/evaluation.md)")
+        parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples")
+        parser.add_argument("--samples-dir", help="per-question samples, resumable "
+                                                  "(default: the --out path with suffix .samples)")
+        parser.add_argument("--reranker", metavar="CKPT", help="with --samples: reward-model checkpoint "
+                                                               "(megatron-reft train-rm) for rerank_at_k")
 
     args = runtime.parse_job_args(argv, "eval", "Greedy accuracy of a checkpoint on data.eval_file.", extra)
     overrides = list(args.overrides)
     config = runtime.load_and_validate(args.config, overrides + [f"model.load={args.ckpt}"], job="eval")
-    run(config, args.ckpt, args.out)
+    _check_sampling_args(args)
+    run(config, args.ckpt, args.out, args.samples, args.temperature, args.samples_dir, args.reranker)
     from megatron_reft.distributed.init import shutdown
 
     shutdown()
     return 0
+
+
+def _check_sampling_args(args) -> None:
+    if args.samples is not None and args.samples < 1:
+        raise runtime.ConfigError(f"--samples: must be >= 1, got {args.samples}")
+    if args.reranker and not args.samples:
+        raise runtime.ConfigError("--reranker: needs --samples K (it reranks the K samples)")
+    if args.reranker and not (Path(args.reranker) / "weights").is_dir():
+        raise runtime.ConfigError(f"--reranker: not a checkpoint directory: {args.reranker}")
+    if not args.temperature >= 0:
+        raise runtime.ConfigError(f"--temperature: must be >= 0, got {args.temperature}")

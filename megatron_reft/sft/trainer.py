@@ -16,6 +16,7 @@ from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save
 from megatron_reft.engine import Engine, OptimSettings, resolve_dtype
 from megatron_reft.reliability import watchdog
 from megatron_reft.reliability.numerics import NonFiniteGuard
+from megatron_reft.evaluation.run import greedy_accuracy, make_scorer
 
 
 def sft_loss(mb: dict, out: dict):
@@ -102,7 +103,7 @@ def run(config) -> dict:
     resume = runtime.resume_source(config)
     if resume is not None:
         state = load_checkpoint(resume, engine.module, optimizer=engine.optimizer, load_rng=True)
-        step = state["step"]
+        step, best = state["step"], state.get("best_accuracy")
         sampler.load_state_dict(state["sampler"])
         runtime.print0(f"resumed from {resume} at step {step}")
     elif config.model.load:
@@ -116,12 +117,17 @@ def run(config) -> dict:
     guard = NonFiniteGuard(t.max_nonfinite_steps, ckpt_dir)
     pad_id = data.tokenizer.pad_id
 
+    kept_epochs = tuple(f"step_{e * steps_per_epoch}" for e in t.keep_epochs)  # e.g. the warm-up's epoch 2
+    scorer = make_scorer(config) if t.eval_accuracy and data.eval else None
+
     def save(name: str, metrics: dict) -> None:
         trainer_state = {"step": step, "sampler": sampler.state_dict(), "metrics": metrics,
-                         "job": "sft", "model": config.model.preset}
-        save_checkpoint(ckpt_dir / name, engine.module, model_cfg, optimizer=engine.optimizer,
-                        trainer_state=trainer_state, tokenizer=data.tokenizer, carry_from=config.model.load)
-        prune_checkpoints(ckpt_dir, t.keep_last)
+                         "best_accuracy": best, "job": "sft", "model": config.model.preset}
+        is_best = name == "best"  # for evaluation or as a warm-up, not to resume from: no optimizer
+        save_checkpoint(ckpt_dir / name, engine.module, model_cfg, trainer_state=trainer_state,
+                        optimizer=None if is_best else engine.optimizer, update_latest=not is_best,
+                        tokenizer=data.tokenizer, carry_from=config.model.load)
+        prune_checkpoints(ckpt_dir, t.keep_last, protect=("best",) + kept_epochs)
 
     last_saved, metrics = step, {}
     started = time.perf_counter()
@@ -142,18 +148,28 @@ def run(config) -> dict:
                    "step_time": seconds, **guard.observe(result["update_ok"])}
         epoch_end = step % steps_per_epoch == 0
         eval_due = t.eval_interval and step % t.eval_interval == 0
-        if eval_examples and (epoch_end or eval_due or step == max_steps):
+        if epoch_end or eval_due or step == max_steps:
             with watchdog.phase("eval"):
-                metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
+                if eval_examples:
+                    metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
+                if scorer is not None:  # reft.md §6 "SFT, best epoch": greedy accuracy (docs/evaluation.md)
+                    metrics["eval_accuracy"], _ = greedy_accuracy(engine, data.tokenizer, data.eval, config, scorer)
         logger.log(metrics)
         guard.stop_if_exhausted(step)
+        new_best = metrics.get("eval_accuracy") is not None and (best is None or metrics["eval_accuracy"] > best)
+        if new_best:  # before the step checkpoint, so a resume from it knows this best
+            best = metrics["eval_accuracy"]
         save_due = step % t.save_interval == 0 if t.save_interval else epoch_end
-        if save_due or step == max_steps:
+        if save_due or step == max_steps or f"step_{step}" in kept_epochs:
             save(f"step_{step}", metrics)
             last_saved = step
+        if new_best:
+            save("best", metrics)
     if last_saved != step:
         save(f"step_{step}", metrics)
     logger.close()
+    if scorer is not None:
+        scorer.close()
     return metrics
 
 
