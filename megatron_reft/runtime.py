@@ -41,7 +41,28 @@ def load_and_validate(config_path, overrides, job: str) -> Config:
     # same), so the batch-size rules still apply instead of failing later in the engine.
     world_size = world_size_from_env()
     validate(config, model, job=job, world_size=1 if world_size is None else world_size)
+    if job in ("sft", "ppo"):
+        check_run_dir_belongs_to(config, job)
     return config
+
+
+def check_run_dir_belongs_to(config: Config, job: str) -> None:
+    """Auto-resume must not pick up another job's checkpoint: an SFT checkpoint has no value head
+    or PPO optimizer state, and resuming from it used to die deep inside megatron (after the run's
+    config.yaml had been overwritten). Checked before anything is written."""
+    from megatron_reft.checkpoint.io import latest_checkpoint
+
+    if config.trainer.resume != "auto":
+        return
+    checkpoints = Path(config.trainer.output_dir) / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    state_file = latest / "trainer_state.json" if latest is not None else None
+    if state_file is None or not state_file.is_file():
+        return
+    written_by = json.loads(state_file.read_text()).get("job")
+    if written_by is not None and written_by != job:
+        raise ConfigError(f"trainer.output_dir: {checkpoints} holds {written_by} checkpoints ({latest.name}); "
+                          f"give this {job} job its own trainer.output_dir (or trainer.resume=none)")
 
 
 def exit_on_config_error(fn):
