@@ -120,6 +120,10 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
         if model.family == "opt" and needed > model.max_position_embeddings:
             errors.append(f"data.max_length: {needed} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings} (learned positions)")
+        if model.sliding_window is not None and needed > model.sliding_window:
+            # megatron's attention here is full: exact only while sequences fit in the window
+            errors.append(f"data.max_length: {needed} exceeds the model's sliding_window="
+                          f"{model.sliding_window} (Mistral-style windowed attention is not modelled)")
         if not layout_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
             from megatron_reft.planning import check_fits
 
