@@ -28,7 +28,8 @@ setup(
         # NVIDIA apex (fused Adam/LayerNorm) must be built from github.com/NVIDIA/apex;
         # the PyPI package called "apex" is unrelated and must never be installed.
         "gpu": ["transformer_engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout"],
+        "wandb": ["wandb>=0.17"],  # trainer.wandb_project
+        "test": ["pytest", "pytest-timeout", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["megatron-reft=megatron_reft.cli:main"]},
 )

@@ -187,57 +187,7 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str,
 
 
 # ---------------------------------------------------------------- outputs
-class MetricsLogger:
-    """metrics.jsonl + TensorBoard + a console progress bar, on global rank 0 only."""
-
-    def __init__(self, config: Config, total_steps: int, start_step: int, desc: str):
-        self.active = rank() == 0
-        self.out = Path(config.trainer.output_dir)
-        self.writer = self.bar = None
-        if not self.active:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / "metrics.jsonl"
-        self._truncate_after(start_step)
-        if config.trainer.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        if config.trainer.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
-                            file=sys.stderr)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, metrics: dict) -> None:
-        if not self.active:
-            return
-        metrics = {k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, metrics["step"])
-            self.writer.flush()
-        if self.bar is not None:
-            self.bar.n = metrics["step"]
-            shown = {k: metrics[k] for k in ("loss", "reward_mean", "accuracy", "eval_loss", "kl") if k in metrics}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+from megatron_reft.tracking import MetricsLogger  # noqa: E402,F401  (jobs use runtime.MetricsLogger)
 
 
 class Timer:

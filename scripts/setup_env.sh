@@ -13,6 +13,6 @@ if ! python -c "import torch" 2>/dev/null; then
   # 2.13.0 is the CPU build available on the project's machines; any torch >= 2.4 works.
   pip install -q "torch==2.13.0" || pip install -q "torch>=2.4"
 fi
-if ! python -c "import megatron_reft, megatron.core, pytest" 2>/dev/null; then
+if ! python -c "import megatron_reft, megatron.core, pytest, wandb" 2>/dev/null; then
   pip install -q -e ".[test]"
 fi

@@ -95,7 +95,9 @@ class TrainerSection:
     keep_last: int = 2  # checkpoints kept besides "best"
     resume: str = "auto"  # auto (latest in output_dir/checkpoints) | none | <checkpoint dir>
     tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    wandb_project: Optional[str] = None  # W&B project (pip install 'megatron-reft[wandb]'); None: off
+    sample_interval: int = 10  # ppo: every N steps, write rollout samples (0: never)
+    num_samples: int = 4  # ppo: rollouts per sample dump
     progress_bar: bool = True
     deterministic: bool = True
 

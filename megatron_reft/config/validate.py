@@ -106,6 +106,11 @@ def _value_errors(config: Config) -> list[str]:
         errors.append(f"ppo.top_p: {ppo.top_p} must be in (0, 1]")
     if config.trainer.micro_batch_size < 1:
         errors.append("trainer.micro_batch_size: must be >= 1")
+    if config.trainer.log_interval < 1:
+        errors.append(f"trainer.log_interval: {config.trainer.log_interval} must be >= 1")
+    for key in ("sample_interval", "num_samples"):
+        if getattr(config.trainer, key) < 0:
+            errors.append(f"trainer.{key}: {getattr(config.trainer, key)} must be >= 0")
     return errors
 
 

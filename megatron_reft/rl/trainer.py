@@ -156,6 +156,7 @@ class PPOTrainer:
         texts = [response_text(self.data.tokenizer, r, toks, d.cot_type) for r, toks in zip(records, responses)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],
                                                 [r.answer_type for r in records])
+        self.last_rollout = (records, texts)  # for the rollout samples (tracking.py)
         batch = build_rollout_batch(prompts, responses, finished, self.data.tokenizer.pad_id)
         return batch, scores_future
 
@@ -187,7 +188,7 @@ class PPOTrainer:
         entropy = gather_forward(old, "entropy", batch.size)
         return {"scores": scores, "correct": torch.tensor([float(r.correct) for r in results]),
                 "kl": kl, "entropy": entropy, "values": values, "returns": returns,
-                "statuses": [r.status for r in results]}
+                "statuses": [r.status for r in results], "results": results}
 
     def update(self, batch, timer) -> dict:
         p, t = self.config.ppo, self.config.trainer
@@ -236,6 +237,14 @@ class PPOTrainer:
         metrics.update(timer.as_metrics())
         return metrics
 
+    def rollout_samples(self, results) -> list[dict]:
+        """The first trainer.num_samples rollouts of this step (this rank's share of the batch)."""
+        records, texts = self.last_rollout
+        n = self.config.trainer.num_samples
+        return [{"prompt": r.question, "response": text, "reward": res.reward, "extracted": res.extracted,
+                 "gold": r.answer, "status": res.status}
+                for r, text, res in list(zip(records, texts, results))[:n]]
+
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> float | None:
         if not self.data.eval:
@@ -269,6 +278,8 @@ class PPOTrainer:
             update = self.update(batch, timer)
             self.step += 1
             metrics = self.step_metrics(batch, adv, update, timer, time.perf_counter() - t0)
+            if t.sample_interval and self.step % t.sample_interval == 0:
+                logger.log_samples(self.step, self.rollout_samples(adv["results"]))
             if self.step % eval_every == 0 or self.step == self.max_steps:
                 metrics["eval_accuracy"] = self.evaluate()
                 if metrics["eval_accuracy"] is not None and (self.best_accuracy is None

@@ -110,7 +110,9 @@ def run(config) -> dict:
         engine.init_from_scratch(t.seed)
 
     ckpt_dir = Path(t.output_dir) / "checkpoints"
-    logger = runtime.MetricsLogger(config, max_steps, step, "sft")
+    # MFU counts 6·N FLOPs per trained token (forward + backward)
+    logger = runtime.MetricsLogger(config, max_steps, step, "sft",
+                                   train_flops_per_token=6 * model_cfg.num_parameters())
     pad_id = data.tokenizer.pad_id
 
     def save(name: str, metrics: dict) -> None:
@@ -123,13 +125,16 @@ def run(config) -> dict:
     last_saved, metrics = step, {}
     started = time.perf_counter()
     while step < max_steps and not runtime.out_of_time(started, t.max_seconds):
-        t0 = time.perf_counter()
-        batch = [examples[i] for i in sampler.next_batch()]
+        timer, t0 = runtime.Timer(), time.perf_counter()
+        with timer("data"):
+            batch = [examples[i] for i in sampler.next_batch()]
+            mbs = microbatches(batch, t.micro_batch_size, pad_id)
         lr = runtime.learning_rate(step, schedule_steps, config.optim.lr, config.optim.schedule,
                                    config.optim.warmup_fraction, config.optim.min_lr)
         engine.set_lr(lr)
         engine.module.train()
-        result = engine.train_step(microbatches(batch, t.micro_batch_size, pad_id), sft_loss)
+        with timer("train"):  # forward + backward + optimizer step
+            result = engine.train_step(mbs, sft_loss)
         step += 1
         seconds = time.perf_counter() - t0
         tokens = sum(len(e.input_ids) for e in batch) * dp_size
@@ -139,7 +144,9 @@ def run(config) -> dict:
         epoch_end = step % steps_per_epoch == 0
         eval_due = t.eval_interval and step % t.eval_interval == 0
         if eval_examples and (epoch_end or eval_due or step == max_steps):
-            metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
+            with timer("eval"):
+                metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
+        metrics.update(timer.as_metrics())
         logger.log(metrics)
         save_due = step % t.save_interval == 0 if t.save_interval else epoch_end
         if save_due or step == max_steps:
