@@ -32,6 +32,12 @@ def parse_job_args(argv, prog: str, description: str, extra=None):
 def load_and_validate(config_path, overrides, job: str) -> Config:
     """Everything checkable without a process group, before one is made."""
     config = load_config(config_path, overrides)
+    from megatron_reft import hub
+
+    try:  # hub ids in model.load / data.tokenizer become local snapshot directories
+        hub.resolve_config(config)
+    except hub.HubError as err:
+        raise ConfigError(str(err)) from None
     vocab_hint = 1 if config.data.train_file == "synthetic" else None  # real size known later
     try:
         model = resolve_model_config(config, vocab_size=vocab_hint)
