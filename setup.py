@@ -1,9 +1,14 @@
 """megatron-reft: ReFT (Reinforced Fine-Tuning) on megatron-core."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "megatron_reft/__init__.py").read_text())[1]
 
 setup(
     name="megatron-reft",
-    version="0.1.0",
+    version=VERSION,
     description="ReFT (warm-up SFT + PPO with answer rewards) on megatron-core, HF <-> Megatron conversion, Slurm recipes",
     packages=find_packages(include=["megatron_reft", "megatron_reft.*"]),
     python_requires=">=3.10",

@@ -13,6 +13,7 @@ import json
 import resource
 import secrets
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -90,6 +91,9 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.flops_per_token = train_flops_per_token
         self.writer = self.bar = self.wandb = None
+        # trainer.max_seconds: the bar measures time, the bound that ends the stage (not steps)
+        self.time_bound = config.trainer.max_seconds
+        self.started = time.perf_counter()
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +108,7 @@ class MetricsLogger:
         if config.trainer.wandb_project:
             self.wandb = start_wandb(config, desc)
         if config.trainer.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
-                            file=sys.stderr)
+            self.bar = _progress_bar(desc, total_steps, start_step, self.time_bound)
 
     def due(self, metrics: dict) -> bool:
         step = metrics["step"]
@@ -154,18 +155,38 @@ class MetricsLogger:
     def _update_bar(self, metrics: dict) -> None:
         if self.bar is None:
             return
-        self.bar.n = metrics["step"]
-        shown = {k: metrics[k] for k in ("loss", "reward_mean", "accuracy", "eval_loss", "kl") if k in metrics}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
+        shown = {k: f"{metrics[k]:.4g}" for k in ("loss", "reward_mean", "accuracy", "eval_loss", "kl")
+                 if k in metrics}
+        if self.time_bound:
+            self.bar.n = min(time.perf_counter() - self.started, self.time_bound)
+            shown = {"step": metrics["step"], **shown}
+        else:
+            self.bar.n = metrics["step"]
+        self.bar.set_postfix(shown, refresh=True)
 
-    def close(self) -> None:
+    def close(self, final_checkpoint: str | Path | None = None) -> None:
+        """Close every sink; then one line naming what the job produced."""
         if self.bar is not None:
+            if self.time_bound:  # the stage's real end (after the last save), not the last log
+                self.bar.n = min(time.perf_counter() - self.started, self.time_bound)
+                self.bar.refresh()
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
             log_plots_to_wandb(self.wandb, self.out)
             self.wandb.finish()
+        if self.active and final_checkpoint is not None:
+            print(f"done: final checkpoint {final_checkpoint}, metrics {self.path}", flush=True)
+
+
+def _progress_bar(desc: str, total_steps: int, start_step: int, time_bound: float | None):
+    from tqdm import tqdm
+
+    if time_bound:
+        return tqdm(total=float(time_bound), desc=f"{desc} (time-bounded)", file=sys.stderr, dynamic_ncols=True,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}")
+    return tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
 def samples_markdown(samples: list[dict]) -> str:

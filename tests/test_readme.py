@@ -116,6 +116,9 @@ def test_every_readme_command_runs_in_order(readme_run):
     ran = [_job_name(as_executed(argv)) for argv, _ in outputs]
     assert ran[:3] == ["sft", "sft", "ppo"] and set(ran) >= {"eval", "score", "convert", "report"}
     assert (work / "runs/tiny_cpu/checkpoints/step_20/model.yaml").is_file()
+    # every job ends with one line naming its final checkpoint and metrics file
+    assert outputs[0][1].stdout.strip().splitlines()[-1] == (
+        "done: final checkpoint runs/tiny_cpu/checkpoints/step_20, metrics runs/tiny_cpu/metrics.jsonl")
     ppo_state = json.loads((work / "runs/tiny_cpu_ppo/checkpoints/step_2/trainer_state.json").read_text())
     assert ppo_state["job"] == "ppo" and ppo_state["reference"] == "runs/tiny_cpu/checkpoints/step_20"
     tp2 = json.loads((work / "runs/tiny_cpu_tp2/checkpoints/step_2/trainer_state.json").read_text())

@@ -292,7 +292,7 @@ class PPOTrainer:
                 last_saved = self.step
         if last_saved != self.step:
             self.save(f"step_{self.step}", metrics)
-        logger.close()
+        logger.close(final_checkpoint=Path(t.output_dir) / "checkpoints" / f"step_{self.step}")
         self.scorer.close()
         return metrics
 

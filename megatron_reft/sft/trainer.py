@@ -154,7 +154,7 @@ def run(config) -> dict:
             last_saved = step
     if last_saved != step:
         save(f"step_{step}", metrics)
-    logger.close()
+    logger.close(final_checkpoint=ckpt_dir / f"step_{step}")
     return metrics
 
 
