@@ -24,7 +24,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_panels(rows: list[dict], panels: list[tuple[str, str]], title: str, out_png: Path) -> bool:
-    import matplotlib
+    try:
+        import matplotlib  # optional: pip install 'megatron-reft[plots]'
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
