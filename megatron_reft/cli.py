@@ -14,6 +14,7 @@ COMMANDS = {
     "convert": ("megatron_reft.checkpoint.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "demo": ("megatron_reft.demo", "CPU quickstart: synthetic task -> SFT -> PPO -> eval"),
     "report": ("megatron_reft.report", "plots and a markdown report from a run directory"),
+    "data": ("megatron_reft.data.prepare", "check or prepare the paper recipes' data files (docs/data.md)"),
     "plan": ("megatron_reft.planning", "per-GPU memory plan for a config"),
 }
 
