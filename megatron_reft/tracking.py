@@ -215,11 +215,8 @@ def start_wandb(config, job: str):
     """wandb.init with the run id kept in <output_dir>/wandb_run_id, so a resumed (requeued) job
     continues the same W&B run. Mode, entity, API key: wandb's own environment variables
     (WANDB_MODE=offline writes under <output_dir>/wandb/ for a later `wandb sync`)."""
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("trainer.wandb_project is set but wandb is not installed "
-                         "(pip install 'megatron-reft[wandb]')") from None
+    import wandb  # validate() checked it is installed
+
     from megatron_reft.config import to_dict
 
     out = Path(config.trainer.output_dir)

@@ -2,6 +2,7 @@
 layout or a missing file costs seconds, not a queue wait plus a crash."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def _value_errors(config: Config) -> list[str]:
         errors.append(f"ppo.top_p: {ppo.top_p} must be in (0, 1]")
     if config.trainer.micro_batch_size < 1:
         errors.append("trainer.micro_batch_size: must be >= 1")
+    if config.trainer.wandb_project and importlib.util.find_spec("wandb") is None:
+        errors.append("trainer.wandb_project: wandb is not installed (pip install 'megatron-reft[wandb]')")
     if config.trainer.log_interval < 1:
         errors.append(f"trainer.log_interval: {config.trainer.log_interval} must be >= 1")
     for key in ("sample_interval", "num_samples"):
