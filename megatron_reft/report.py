@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 PPO_PANELS = [("reward_mean", "reward (mean over rollout)"), ("accuracy", "training accuracy"),
@@ -23,7 +24,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_panels(rows: list[dict], panels: list[tuple[str, str]], title: str, out_png: Path) -> bool:
-    import matplotlib
+    try:
+        import matplotlib  # optional: pip install 'megatron-reft[plots]'
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,5 +86,20 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     parser.add_argument("--out", required=True, help="directory for report.md and PNGs")
     args = parser.parse_args(argv)
+    for run_dir in args.runs:
+        problem = run_dir_problem(run_dir)
+        if problem:
+            print(f"megatron-reft report: {run_dir}: {problem}", file=sys.stderr)
+            return 2
     print(write_report(args.runs, args.out))
     return 0
+
+
+def run_dir_problem(run_dir: str | Path) -> str | None:
+    """Why a run directory cannot be reported on (None when it can)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        return "no such run directory"
+    if not read_metrics(path):
+        return "no metrics (metrics.jsonl is missing or empty: has a job run here yet?)"
+    return None

@@ -33,6 +33,12 @@ def parse_job_args(argv, prog: str, description: str, extra=None):
 def load_and_validate(config_path, overrides, job: str) -> Config:
     """Everything checkable without a process group, before one is made."""
     config = load_config(config_path, overrides)
+    from megatron_reft import hub
+
+    try:  # hub ids in model.load / data.tokenizer become local snapshot directories
+        hub.resolve_config(config)
+    except hub.HubError as err:
+        raise ConfigError(str(err)) from None
     vocab_hint = 1 if config.data.train_file == "synthetic" else None  # real size known later
     try:
         model = resolve_model_config(config, vocab_size=vocab_hint)
@@ -42,7 +48,28 @@ def load_and_validate(config_path, overrides, job: str) -> Config:
     # same), so the batch-size rules still apply instead of failing later in the engine.
     world_size = world_size_from_env()
     validate(config, model, job=job, world_size=1 if world_size is None else world_size)
+    if job in ("sft", "ppo"):
+        check_run_dir_belongs_to(config, job)
     return config
+
+
+def check_run_dir_belongs_to(config: Config, job: str) -> None:
+    """Auto-resume must not pick up another job's checkpoint: an SFT checkpoint has no value head
+    or PPO optimizer state, and resuming from it used to die deep inside megatron (after the run's
+    config.yaml had been overwritten). Checked before anything is written."""
+    from megatron_reft.checkpoint.io import latest_checkpoint
+
+    if config.trainer.resume != "auto":
+        return
+    checkpoints = Path(config.trainer.output_dir) / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    state_file = latest / "trainer_state.json" if latest is not None else None
+    if state_file is None or not state_file.is_file():
+        return
+    written_by = json.loads(state_file.read_text()).get("job")
+    if written_by is not None and written_by != job:
+        raise ConfigError(f"trainer.output_dir: {checkpoints} holds {written_by} checkpoints ({latest.name}); "
+                          f"give this {job} job its own trainer.output_dir (or trainer.resume=none)")
 
 
 def exit_on_config_error(fn):
@@ -249,57 +276,7 @@ def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str,
 
 
 # ---------------------------------------------------------------- outputs
-class MetricsLogger:
-    """metrics.jsonl + TensorBoard + a console progress bar, on global rank 0 only."""
-
-    def __init__(self, config: Config, total_steps: int, start_step: int, desc: str):
-        self.active = rank() == 0
-        self.out = Path(config.trainer.output_dir)
-        self.writer = self.bar = None
-        if not self.active:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / "metrics.jsonl"
-        self._truncate_after(start_step)
-        if config.trainer.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        if config.trainer.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
-                            file=sys.stderr)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def log(self, metrics: dict) -> None:
-        if not self.active:
-            return
-        metrics = {k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, metrics["step"])
-            self.writer.flush()
-        if self.bar is not None:
-            self.bar.n = metrics["step"]
-            shown = {k: metrics[k] for k in ("loss", "reward_mean", "accuracy", "eval_loss", "kl") if k in metrics}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+from megatron_reft.tracking import MetricsLogger  # noqa: E402,F401  (jobs use runtime.MetricsLogger)
 
 
 class Timer:

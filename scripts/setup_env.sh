@@ -6,13 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY"
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
-  # 2.13.0 is the CPU build available on the project's machines; any torch >= 2.4 works.
-  pip install -q "torch==2.13.0" || pip install -q "torch>=2.4"
+  # 2.13.0 is the CPU build available on the project's machines; any torch >= 2.6 works.
+  echo "[setup] 1/2 installing PyTorch (a large download: this takes minutes; pip shows progress)"
+  pip install --progress-bar on "torch==2.13.0" || pip install --progress-bar on "torch>=2.6"
 fi
-if ! python -c "import megatron_reft, megatron.core, pytest" 2>/dev/null; then
-  pip install -q -e ".[test]"
+if ! python -c "import megatron_reft, megatron.core, pytest, wandb, datasets, matplotlib" 2>/dev/null; then
+  echo "[setup] 2/2 installing megatron-core 0.16.1, transformers and this package (pip shows progress)"
+  pip install --progress-bar on -e ".[test]" | grep -v "^Requirement already satisfied" || true
+  python -c "import megatron_reft, megatron.core" || { echo "[setup] install failed (see pip's output above)"; exit 1; }
+  echo "[setup] done"
 fi

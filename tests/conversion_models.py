@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-VOCABS = {"llama_gqa": 300, "llama_mha": 257, "opt": 250}
+VOCABS = {"llama_gqa": 300, "llama_mha": 257, "opt": 250, "llama3": 280, "mistral": 260,
+          "qwen2_tied": 270, "qwen2_untied": 290}
 
 
 def hf_config(name: str):
@@ -29,6 +30,20 @@ def hf_config(name: str):
                            num_attention_heads=4, max_position_embeddings=64, activation_function="gelu",
                            do_layer_norm_before=True, word_embed_proj_dim=64, enable_bias=True,
                            tie_word_embeddings=True, dropout=0.0, attention_dropout=0.0)
+    if name == "llama3":  # Llama-3.x RoPE scaling; original context 64 puts one frequency in each band
+        return T.LlamaConfig(vocab_size=280, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             rope_scaling=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=64),
+                             rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if name == "mistral":  # window longer than any test sequence: windowed attention = full attention
+        return T.MistralConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               sliding_window=96, rope_theta=1e6, rms_norm_eps=1e-5)
+    if name.startswith("qwen2"):  # Q/K/V biases; Qwen2.5-0.5B ties embeddings, 7B does not
+        return T.Qwen2Config(vocab_size=VOCABS[name], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=name == "qwen2_tied")
     raise KeyError(name)
 
 
@@ -37,9 +52,8 @@ def random_hf_model(name: str, seed: int = 0):
 
     config = hf_config(name)
     config._attn_implementation = "eager"
-    cls = T.OPTForCausalLM if name == "opt" else T.LlamaForCausalLM
     torch.manual_seed(seed)
-    model = cls(config).float().eval()
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():

@@ -203,7 +203,7 @@ UNSUPPORTED = [
     ("llama_gqa", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, [], "RoPE scaling"),
     ("llama_gqa", {"attention_bias": True}, [], "attention_bias"),
     ("llama_gqa", {"hidden_act": "gelu"}, [], "hidden_act"),
-    ("llama_gqa", {"model_type": "mistral"}, [], "model_type 'mistral'"),
+    ("llama_gqa", {"model_type": "gemma2"}, [], "model_type 'gemma2'"),
     ("llama_gqa", {}, ["--tp", "3"], "--tp 3 does not divide 8 attention heads"),
     ("llama_mha", {}, ["--pp", "3"], "--pp 3 does not divide 2 layers"),
 ]

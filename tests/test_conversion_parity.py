@@ -1,6 +1,7 @@
 """Converted checkpoints in real megatron models at TP ∈ {1, 2} × PP ∈ {1, 2} (gloo processes).
 
-For llama with and without grouped-query attention and for OPT (biases, tied embeddings):
+For llama with and without grouped-query attention, OPT (biases, tied embeddings), Llama-3
+(RoPE scaling), Mistral and Qwen2 (Q/K/V biases, tied and untied embeddings):
 megatron logits equal Hugging Face's (fp32, max abs diff ≤ 1e-4) and greedy continuations are
 identical; the converter writes exactly the keys/shapes a model saved at that layout writes;
 a checkpoint resharded TP=2×PP=1 → TP=1×PP=2 keeps its logits; and HF → megatron → a TP=2×PP=2
@@ -21,7 +22,7 @@ from dist_utils import run_distributed
 from megatron_reft.checkpoint import convert
 from megatron_reft.checkpoint.dist_io import DistCheckpointReader
 
-MODELS = ("llama_gqa", "llama_mha", "opt")
+MODELS = ("llama_gqa", "llama_mha", "opt", "llama3", "mistral", "qwen2_tied", "qwen2_untied")
 LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2)]
 WORLD = 4  # every layout runs in one 4-process world (DP fills the rest): one start-up for all
 NEW_TOKENS = 6
@@ -66,12 +67,26 @@ def _child(rank, world, steps):
             gpt.eval()
             ids = _ids(name)
             results[label][name] = (megatron_logits(gpt, ids, model_cfg.vocab_size),
-                                    megatron_greedy(gpt, ids, model_cfg.vocab_size, NEW_TOKENS))
+                                    megatron_greedy(gpt, ids, model_cfg.vocab_size, NEW_TOKENS),
+                                    _rollout_engine_greedy(gpt, model_cfg, ids))
             if resave is not None:
                 reset_value_head(gpt, seed=3)
                 save_checkpoint(resave[name], gpt, model_cfg, update_latest=False)
     dist_init.shutdown()
     return results if rank == world - 1 else None
+
+
+def _rollout_engine_greedy(gpt, model_cfg, ids: torch.Tensor) -> torch.Tensor:
+    """The rollout engine (KV cache, its own position bookkeeping) decoding greedily: it must apply
+    the same positions (RoPE scaling included) as the full forward."""
+    from types import SimpleNamespace
+
+    from megatron_reft.generation import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, greedy=True, max_total_length=ids.shape[1] + NEW_TOKENS,
+                            stop_at_eos=False)
+    out = generate(SimpleNamespace(gpt=gpt, model_config=model_cfg), ids.tolist(), eos_id=-1, params=params)
+    return torch.tensor(out.tokens)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,10 +127,11 @@ def run(hf, tmp_path_factory):
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_megatron_logits_and_greedy_match_hf(run, hf, tp, pp):
     for name in MODELS:
-        logits, greedy = run["results"][f"tp{tp}pp{pp}"][name]
+        logits, greedy, rollout = run["results"][f"tp{tp}pp{pp}"][name]
         diff = (logits - hf[name]["logits"]).abs().max().item()
         assert diff <= 1e-4, f"{name} TP={tp} PP={pp}: max abs logit diff {diff}"
         assert torch.equal(greedy, hf[name]["greedy"]), f"{name} TP={tp} PP={pp}: greedy differs"
+        assert torch.equal(rollout, hf[name]["greedy"]), f"{name} TP={tp} PP={pp}: rollout engine differs"
 
 
 @pytest.mark.parametrize("label", ["tp2pp1", "tp2pp2"])
@@ -162,7 +178,7 @@ def test_export_without_source_makes_a_loadable_config(run, hf, tmp_path):
     import transformers
 
     saved = run["steps"]["tp2pp2"][4]
-    for name in ("llama_gqa", "opt"):
+    for name in ("llama_gqa", "opt", "llama3", "mistral", "qwen2_tied"):
         back = convert.megatron_to_hf(saved[name], tmp_path / name, **QUIET)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(back), attn_implementation="eager").eval()
         with torch.no_grad():

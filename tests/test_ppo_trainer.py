@@ -124,7 +124,8 @@ def test_ppo_resume_is_exact(tmp_path):
     straight, resumed = run_distributed(_ppo_resume_worker, 1, str(tmp_path / "a"), str(tmp_path / "b"),
                                         init_process_group=False, timeout_s=600)[0]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    drop = {"step_time", "tokens_per_s", "eval_accuracy"}  # the 2-step run evaluates at its end
+    # the 2-step run evaluates at its end; speed and memory figures are not reproducible
+    drop = {"step_time", "tokens_per_s", "tokens_per_s_per_device", "peak_memory_gib", "eval_accuracy"}
     for a, b in zip(straight, resumed):
         a = {k: v for k, v in a.items() if k not in drop and not k.startswith("time_")}
         b = {k: v for k, v in b.items() if k not in drop and not k.startswith("time_")}

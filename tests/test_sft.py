@@ -157,8 +157,8 @@ def test_run_directory_layout(runs):
 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert {"loss", "lr", "tokens_per_s"} <= set(acc.Tags()["scalars"])
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"train/loss", "train/lr", "system/tokens_per_s", "timing/train", "eval/loss"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_6"

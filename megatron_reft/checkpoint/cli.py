@@ -50,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    from megatron_reft import hub
     from megatron_reft.checkpoint import convert
 
+    if getattr(args, "hf_dir", None):  # a hub id (owner/name[@revision]) becomes its cached snapshot
+        args.hf_dir = hub.resolve(args.hf_dir, what="--hf-dir", files=hub.MODEL_FILES + hub.TOKENIZER_FILES)
     if args.command == "hf-to-megatron":
         convert.hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp,
                                dtype=convert.parse_dtype(args.dtype), overwrite=args.overwrite)

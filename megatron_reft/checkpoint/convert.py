@@ -42,7 +42,8 @@ def family_for_hf(hf: dict):
     for module in FAMILIES.values():
         if model_type in module.MODEL_TYPES:
             return module
-    raise UnsupportedConfig(f"model_type {model_type!r} is not supported (supported: llama, opt)")
+    supported = ", ".join(t for module in FAMILIES.values() for t in module.MODEL_TYPES)
+    raise UnsupportedConfig(f"model_type {model_type!r} is not supported (supported: {supported})")
 
 
 def check_layout(model: ModelConfig, tp: int, pp: int) -> None:

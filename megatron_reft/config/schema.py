@@ -98,7 +98,9 @@ class TrainerSection:
     eval_accuracy: bool = True  # sft: greedy test accuracy at each evaluation + a "best" checkpoint
     resume: str = "auto"  # auto (latest in output_dir/checkpoints) | none | <checkpoint dir>
     tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    wandb_project: Optional[str] = None  # W&B project (pip install 'megatron-reft[wandb]'); None: off
+    sample_interval: int = 10  # ppo: every N steps, write rollout samples (0: never)
+    num_samples: int = 4  # ppo: rollouts per sample dump
     progress_bar: bool = True
     deterministic: bool = True
     # Fault tolerance (docs/reliability.md): stop after this many consecutive non-finite

@@ -2,6 +2,7 @@
 layout or a missing file costs seconds, not a queue wait plus a crash."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -110,6 +111,13 @@ def _value_errors(config: Config) -> list[str]:
     keep = config.trainer.keep_epochs
     if not isinstance(keep, list) or not all(type(e) is int and e >= 1 for e in keep):
         errors.append(f"trainer.keep_epochs: {keep!r} must be a list of epoch numbers >= 1, e.g. [2]")
+    if config.trainer.wandb_project and importlib.util.find_spec("wandb") is None:
+        errors.append("trainer.wandb_project: wandb is not installed (pip install 'megatron-reft[wandb]')")
+    if config.trainer.log_interval < 1:
+        errors.append(f"trainer.log_interval: {config.trainer.log_interval} must be >= 1")
+    for key in ("sample_interval", "num_samples"):
+        if getattr(config.trainer, key) < 0:
+            errors.append(f"trainer.{key}: {getattr(config.trainer, key)} must be >= 0")
     return errors
 
 
@@ -124,6 +132,10 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
         if model.family == "opt" and needed > model.max_position_embeddings:
             errors.append(f"data.max_length: {needed} exceeds model.max_position_embeddings="
                           f"{model.max_position_embeddings} (learned positions)")
+        if model.sliding_window is not None and needed > model.sliding_window:
+            # megatron's attention here is full: exact only while sequences fit in the window
+            errors.append(f"data.max_length: {needed} exceeds the model's sliding_window="
+                          f"{model.sliding_window} (Mistral-style windowed attention is not modelled)")
         if not layout_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
             from megatron_reft.planning import check_fits
 

@@ -88,7 +88,10 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
 
 
 def _read_hf_rows(spec: str) -> tuple[str, list]:
-    import datasets  # heavy import, only when asked for
+    try:
+        import datasets  # heavy import, only when asked for; optional: pip install 'megatron-reft[data]'
+    except ImportError:
+        raise ValueError(f"{spec}: hf: data needs the datasets package (pip install 'megatron-reft[data]')") from None
 
     name, config, split = parse_hf_spec(spec)
     if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")):

@@ -93,12 +93,38 @@ def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_t
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope" if model.family == "llama" else "learned_absolute",
         rotary_base=model.rope_theta,
+        **_rope_scaling_args(model),
         with_value_head=with_value_head,
     )
+    _apply_llama3_rope_scaling(gpt, model)
     _mark_tensor_parallel(gpt)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _rope_scaling_args(model: ModelConfig) -> dict:
+    if model.family != "llama" or model.rope_scaling is None:
+        return {}
+    return {"rope_scaling": True, "rope_scaling_factor": float(model.rope_scaling["factor"])}
+
+
+def _apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
+    """megatron-core applies Llama-3's scaling with its own fixed low/high frequency factors and
+    original context (1, 4, 8192); recompute the inverse frequencies with the checkpoint's values
+    through the same megatron function so every Llama-3.x variant is exact. Every consumer of
+    positions (training forward, the rollout engine's KV-cache decode) reads this one table."""
+    if model.family != "llama" or model.rope_scaling is None:
+        return
+    rotary = gpt.rotary_pos_emb
+    dim = rotary.inv_freq.numel() * 2
+    base = 1.0 / (model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                      device=rotary.inv_freq.device) / dim))
+    s = model.rope_scaling
+    rotary.inv_freq = rotary._apply_scaling(
+        base, factor=float(s["factor"]), low_freq_factor=float(s["low_freq_factor"]),
+        high_freq_factor=float(s["high_freq_factor"]),
+        original_max_position_embeddings=int(s["original_max_position_embeddings"]))
 
 
 def _mark_tensor_parallel(gpt) -> None:

@@ -2,7 +2,10 @@
 
 Two families cover the paper's base models:
 - llama (CodeLlama, Llama-2): RoPE (configurable theta; CodeLlama uses 1e6), RMSNorm, SwiGLU,
-  grouped-query attention, no biases, untied output layer.
+  grouped-query attention, no biases, untied output layer. The same family also describes
+  Llama-3.x (RoPE scaling `llama3`), Mistral (sliding window, exact for sequences within it) and
+  Qwen2/Qwen2.5 (biases on Q/K/V only, tied or untied embeddings): `hf_model_type` remembers
+  which Hugging Face architecture to export to.
 - opt (Galactica): learned absolute positions, LayerNorm with bias, GELU, linear biases,
   tied input/output embeddings.
 """
@@ -31,6 +34,12 @@ class ModelConfig:
     vocab_size: int = 512  # true vocabulary (tokenizer) size; padding is added at build time
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0  # llama only
+    # llama only: None, or Llama-3.x's frequency-dependent scaling {"type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: Optional[dict] = None
+    qkv_bias: bool = False  # biases on Q/K/V only (Qwen2); opt has biases everywhere anyway
+    sliding_window: Optional[int] = None  # Mistral: attention window; sequences must fit in it
+    hf_model_type: Optional[str] = None  # llama family: "llama" (None), "mistral" or "qwen2"
     norm_eps: float = 1e-5
     activation: Optional[str] = None  # llama: swiglu; opt: gelu (exact erf) or relu
     tie_embeddings: Optional[bool] = None  # llama: False; opt: True
@@ -49,6 +58,8 @@ class ModelConfig:
             self.tie_embeddings = self.family == "opt"
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = _default_ffn(self.family, self.hidden_size)
+        if self.rope_scaling is not None and self.rope_scaling.get("type") != "llama3":
+            raise ValueError(f"model.rope_scaling: only type llama3 is supported, got {self.rope_scaling}")
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +68,10 @@ class ModelConfig:
     @property
     def add_bias(self) -> bool:
         return self.family == "opt"
+
+    @property
+    def add_qkv_bias(self) -> bool:
+        return self.add_bias or self.qkv_bias
 
     @property
     def gated(self) -> bool:
@@ -74,6 +89,8 @@ class ModelConfig:
         per_layer = attn + mlp + (2 * h if self.family == "llama" else 4 * h)
         if self.add_bias:
             per_layer += (h + 2 * kv) + h + f + h
+        elif self.qkv_bias:
+            per_layer += h + 2 * kv
         total = L * per_layer
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
@@ -153,7 +170,7 @@ def transformer_config(model: ModelConfig, *, tensor_parallel: int = 1, pipeline
         gated_linear_unit=model.gated,
         activation_func=activation_function(model.activation),
         add_bias_linear=model.add_bias,
-        add_qkv_bias=model.add_bias,
+        add_qkv_bias=model.add_qkv_bias,
         # reft.md §4: dropout off everywhere.
         hidden_dropout=0.0,
         attention_dropout=0.0,

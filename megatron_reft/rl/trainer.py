@@ -163,6 +163,7 @@ class PPOTrainer:
                  for r, toks, prompt in zip(records, responses, prompts)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],
                                                 [r.answer_type for r in records])
+        self.last_rollout = (records, texts)  # for the rollout samples (tracking.py)
         batch = build_rollout_batch(prompts, responses, finished, self.data.tokenizer.pad_id)
         return batch, scores_future
 
@@ -194,7 +195,7 @@ class PPOTrainer:
         entropy = gather_forward(old, "entropy", batch.size)
         return {"scores": scores, "correct": torch.tensor([float(r.correct) for r in results]),
                 "kl": kl, "entropy": entropy, "values": values, "returns": returns,
-                "statuses": [r.status for r in results]}
+                "statuses": [r.status for r in results], "results": results}
 
     def update(self, batch, timer) -> dict:
         p, t = self.config.ppo, self.config.trainer
@@ -247,6 +248,14 @@ class PPOTrainer:
         metrics.update(timer.as_metrics())
         return metrics
 
+    def rollout_samples(self, results) -> list[dict]:
+        """The first trainer.num_samples rollouts of this step (this rank's share of the batch)."""
+        records, texts = self.last_rollout
+        n = self.config.trainer.num_samples
+        return [{"prompt": r.question, "response": text, "reward": res.reward, "extracted": res.extracted,
+                 "gold": r.answer, "status": res.status}
+                for r, text, res in list(zip(records, texts, results))[:n]]
+
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> float | None:
         if not self.data.eval:
@@ -283,6 +292,8 @@ class PPOTrainer:
             self.step += 1
             metrics = self.step_metrics(batch, adv, update, timer, time.perf_counter() - t0)
             metrics.update(guard.observe(update["update_ok"]))
+            if t.sample_interval and self.step % t.sample_interval == 0:
+                logger.log_samples(self.step, self.rollout_samples(adv["results"]))
             if self.step % eval_every == 0 or self.step == self.max_steps:
                 metrics["eval_accuracy"] = self.evaluate()
                 if metrics["eval_accuracy"] is not None and (self.best_accuracy is None
@@ -296,7 +307,7 @@ class PPOTrainer:
                 last_saved = self.step
         if last_saved != self.step:
             self.save(f"step_{self.step}", metrics)
-        logger.close()
+        logger.close(final_checkpoint=Path(t.output_dir) / "checkpoints" / f"step_{self.step}")
         self.scorer.close()
         return metrics
 

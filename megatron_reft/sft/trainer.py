@@ -113,7 +113,9 @@ def run(config) -> dict:
         engine.init_from_scratch(t.seed)
 
     ckpt_dir = Path(t.output_dir) / "checkpoints"
-    logger = runtime.MetricsLogger(config, max_steps, step, "sft")
+    # MFU counts 6·N FLOPs per trained token (forward + backward)
+    logger = runtime.MetricsLogger(config, max_steps, step, "sft",
+                                   train_flops_per_token=6 * model_cfg.num_parameters())
     guard = NonFiniteGuard(t.max_nonfinite_steps, ckpt_dir)
     pad_id = data.tokenizer.pad_id
 
@@ -132,14 +134,16 @@ def run(config) -> dict:
     last_saved, metrics = step, {}
     started = time.perf_counter()
     while step < max_steps and not runtime.out_of_time(started, t.max_seconds):
-        t0 = time.perf_counter()
-        batch = [examples[i] for i in sampler.next_batch()]
+        timer, t0 = runtime.Timer(), time.perf_counter()
+        with timer("data"):
+            batch = [examples[i] for i in sampler.next_batch()]
+            mbs = microbatches(batch, t.micro_batch_size, pad_id)
         lr = runtime.learning_rate(step, schedule_steps, config.optim.lr, config.optim.schedule,
                                    config.optim.warmup_fraction, config.optim.min_lr)
         engine.set_lr(lr)
         engine.module.train()
-        with watchdog.phase("update"):
-            result = engine.train_step(microbatches(batch, t.micro_batch_size, pad_id), sft_loss)
+        with timer("train"), watchdog.phase("update"):  # forward + backward + optimizer step
+            result = engine.train_step(mbs, sft_loss)
         step += 1
         seconds = time.perf_counter() - t0
         tokens = sum(len(e.input_ids) for e in batch) * dp_size
@@ -149,11 +153,12 @@ def run(config) -> dict:
         epoch_end = step % steps_per_epoch == 0
         eval_due = t.eval_interval and step % t.eval_interval == 0
         if epoch_end or eval_due or step == max_steps:
-            with watchdog.phase("eval"):
+            with timer("eval"), watchdog.phase("eval"):
                 if eval_examples:
                     metrics["eval_loss"] = evaluation_loss(engine, eval_examples, t.micro_batch_size, pad_id)
                 if scorer is not None:  # reft.md §6 "SFT, best epoch": greedy accuracy (docs/evaluation.md)
                     metrics["eval_accuracy"], _ = greedy_accuracy(engine, data.tokenizer, data.eval, config, scorer)
+        metrics.update(timer.as_metrics())
         logger.log(metrics)
         guard.stop_if_exhausted(step)
         new_best = metrics.get("eval_accuracy") is not None and (best is None or metrics["eval_accuracy"] > best)
@@ -167,7 +172,7 @@ def run(config) -> dict:
             save("best", metrics)
     if last_saved != step:
         save(f"step_{step}", metrics)
-    logger.close()
+    logger.close(final_checkpoint=ckpt_dir / f"step_{step}")
     if scorer is not None:
         scorer.close()
     return metrics
