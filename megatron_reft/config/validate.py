@@ -16,6 +16,7 @@ CHOICES = {
     "optim.schedule": ("linear", "constant"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.use_te": ("auto", "true", "false"),
+    "model.attention": ("sdpa", "megatron"),
 }
 
 
@@ -106,6 +107,8 @@ def _value_errors(config: Config) -> list[str]:
         errors.append(f"ppo.top_p: {ppo.top_p} must be in (0, 1]")
     if config.trainer.micro_batch_size < 1:
         errors.append("trainer.micro_batch_size: must be >= 1")
+    if config.trainer.micro_batch_tokens is not None and config.trainer.micro_batch_tokens < 1:
+        errors.append("trainer.micro_batch_tokens: must be >= 1 (or unset)")
     return errors
 
 

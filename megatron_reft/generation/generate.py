@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_reft.engine import causal_mask
 from megatron_reft.generation.sampling import SamplingParams, next_tokens
 from megatron_reft.generation.stages import StageRunner
 
@@ -177,8 +176,10 @@ def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
     """Feed slots [begin, end) of the active rows (begin > 0 only with a cache holding the rest)."""
     tokens = batch.tokens[batch.active, begin:end]
     positions = torch.arange(begin, end, device=tokens.device).expand_as(tokens)
-    # Several new positions need a causal mask; one new position sees the whole cache.
-    mask = causal_mask(end - begin, tokens.device) if end - begin > 1 else None
+    # No mask tensor: the prefill (begin = 0, no padding before any real token — see the module
+    # docstring) is plain causal attention, which the layer spec applies itself (SDPA: is_causal);
+    # one new position sees the whole cache. Only single-token steps ever follow the prefill.
+    mask = None
     if context is not None:
         context.sequence_len_offset = begin
         if begin > 0:

@@ -19,7 +19,7 @@ from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save
 from megatron_reft.critic import SharedTrunkCritic
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
 from megatron_reft.rl import ppo_math
-from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
+from megatron_reft.rl.rollout import assemble, build_rollout_batch, gather_forward, micro_batches, padding_stats
 from megatron_reft.sft.trainer import build_engine
 
 
@@ -165,26 +165,26 @@ class PPOTrainer:
         p, t = self.config.ppo, self.config.trainer
         rows = list(range(batch.size))
         with timer("logprobs"):  # overlaps with sandbox scoring running in the background
-            mbs = micro_batches(batch, rows, t.micro_batch_size)
+            mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
             old = self.policy.forward(mbs)
             old_values = self.critic.values(mbs, old)
             if p.ref_offload:
                 self.reference.onload()
-            ref = self.reference.forward(mbs)
+            ref = self.reference.forward(mbs, with_entropy=False)  # same plan; entropy unused
             if p.ref_offload:
                 self.reference.offload()
         with timer("scoring"):
             results = scores_future.result()
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
         mask = batch.action_mask
-        old_logprobs = gather_forward(old, "logprobs", batch.size)
-        values = torch.cat(old_values)[:batch.size]
-        ref_logprobs = gather_forward(ref, "logprobs", batch.size)
+        old_logprobs = gather_forward(old, "logprobs", mbs, batch)
+        values = assemble(old_values, mbs, batch.size, batch.tokens.shape[1])
+        ref_logprobs = gather_forward(ref, "logprobs", mbs, batch)
         rewards, kl = ppo_math.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, p.kl_coef)
         advantages, returns = ppo_math.gae_advantages(rewards, values, mask, p.gamma, p.lam)
         advantages = ppo_math.whiten_advantages(advantages, mask, group=ps.get_data_parallel_group())
         batch.tensors.update(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
-        entropy = gather_forward(old, "entropy", batch.size)
+        entropy = gather_forward(old, "entropy", mbs, batch)
         return {"scores": scores, "correct": torch.tensor([float(r.correct) for r in results]),
                 "kl": kl, "entropy": entropy, "values": values, "returns": returns,
                 "statuses": [r.status for r in results]}
@@ -193,19 +193,22 @@ class PPOTrainer:
         p, t = self.config.ppo, self.config.trainer
         _, dp_size = runtime.dp_rank_and_size()
         mini = (p.mini_batch_size or p.rollout_batch_size) // dp_size
-        stats, grad_norms = [], []
+        stats, grad_norms, padding = [], [], []
         with timer("update"):
             self.policy.set_lr(self.config.optim.lr)  # reft.md §5: constant
             for _ in range(p.ppo_epochs):  # full batch each, no reshuffle needed (§5)
                 for start in range(0, batch.size, mini):
                     rows = list(range(start, min(start + mini, batch.size)))
-                    mbs = micro_batches(batch, rows, t.micro_batch_size)
+                    mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
+                    padding.append(padding_stats(batch, mbs))
                     result = self.policy.train_step(mbs, ppo_loss_fn(self.config, self.critic.shared))
                     self.critic.update(mbs)
                     stats += result["stats"]
                     grad_norms.append(result["grad_norm"])
         reduced = reduce_stats(stats)
         reduced["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        for key in padding[0]:  # this rank's update passes (ranks see alike length mixes)
+            reduced[key] = sum(pad[key] for pad in padding) / len(padding)
         return reduced
 
     def step_metrics(self, batch, adv: dict, update: dict, timer, seconds: float) -> dict:
@@ -233,6 +236,7 @@ class PPOTrainer:
                    "approx_kl": update.get("approx_kl"), "grad_norm": update["grad_norm"],
                    "lr": self.config.optim.lr, "step_time": seconds,
                    "tokens_per_s": generated / seconds if seconds else 0.0}
+        metrics.update({k: v for k, v in update.items() if k.startswith("padding_fraction")})
         metrics.update(timer.as_metrics())
         return metrics
 
