@@ -58,6 +58,13 @@ def _pad_to(t: torch.Tensor, length: int, value=0) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """values at the True positions of `where` [s, b], zeros elsewhere, as [b, s]."""
+    out = values.new_zeros(where.shape)
+    out = out.index_put((where,), values) if values.requires_grad else out.index_put_((where,), values)
+    return out.t()
+
+
 def _deferred_finalize(finalize, counts: list, last: bool):
     """finalize_model_grads for one of several schedule calls of a step: earlier calls only
     record their loss counts (gradients keep accumulating in the DDP buffers, reduced nowhere
@@ -84,6 +91,7 @@ class Engine:
         self.chunk_tokens = logprob_chunk_tokens
         self.temperature = 1.0
         self._with_entropy = True
+        self.score_masked_only = True  # False: log-probs at every position (today's behaviour; tests)
         self.gpt = build_model(model, dtype=dtype, use_te=use_te, with_value_head=with_value_head,
                                recompute=recompute, attention=attention)
         self.tconfig = self.gpt.config
@@ -165,10 +173,7 @@ class Engine:
         # Entropy is a rollout statistic, not a training input: only forward passes that log it
         # pay for its full-vocabulary reduction.
         with_entropy = loss_fn is None and self._with_entropy
-        logprobs, entropy = token_logprobs_and_entropy(
-            hidden, mb["labels"], gpt.output_layer, gpt.output_weight(),
-            self.model_config.vocab_size, self.chunk_tokens, self.temperature,
-            with_entropy=with_entropy)
+        logprobs, entropy = self._scored_logprobs(mb, hidden, with_entropy)
         values = None
         if gpt.value_head is not None:
             values = gpt.value_head(hidden).squeeze(-1).t().float()  # [b, s]
@@ -178,6 +183,23 @@ class Engine:
             return torch.zeros(()), torch.ones((), dtype=torch.int), detached
         loss_sum, count, stats = loss_fn(mb, out)
         return loss_sum, torch.as_tensor(count, dtype=torch.int).reshape(()), stats
+
+    def _scored_logprobs(self, mb: dict, hidden: torch.Tensor, with_entropy: bool):
+        """Log-probs (and entropy) [b, s] at the positions the micro-batch scores — its
+        `action_mask` (PPO) or `loss_mask` (SFT) — and 0 elsewhere: no loss, statistic or
+        advantage reads other positions, so the output layer and the fp32 vocabulary softmax
+        skip the prompt and the padding (only needed work). Without a mask: every position."""
+        gpt = self.gpt
+        mask = mb.get("action_mask", mb.get("loss_mask"))
+        args = (gpt.output_layer, gpt.output_weight(), self.model_config.vocab_size, self.chunk_tokens,
+                self.temperature)
+        if (mask is None or not self.score_masked_only or self.tconfig.sequence_parallel
+                or not bool(mask.any())):
+            return token_logprobs_and_entropy(hidden, mb["labels"], *args, with_entropy=with_entropy)
+        scored = mask.t() != 0  # [s, b], the layout of hidden
+        lp, ent = token_logprobs_and_entropy(hidden[scored].unsqueeze(1), mb["labels"].t()[scored].unsqueeze(0),
+                                             *args, with_entropy=with_entropy)
+        return _scatter(lp[0], scored), (_scatter(ent[0], scored) if with_entropy else None)
 
     def _prepare(self, microbatches: list[dict]) -> tuple[list[dict], int, int]:
         """With PP, pad the micro-batches of one schedule call to one [b, s] (pipeline P2P needs

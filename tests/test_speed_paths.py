@@ -1,7 +1,9 @@
 """Issue 15's fast paths change speed, never results:
 
-- the SDPA core attention (models/sdpa_attention.py) against megatron's own local attention:
-  log-probs, entropy, values, PPO loss and gradients, and KV-cached decoding logits;
+- the SDPA core attention (models/sdpa_attention.py) with log-probs scored at action positions
+  only (fused log-prob + entropy pass) against today's engine (megatron's own local attention,
+  every position scored): log-probs, entropy, values, PPO loss and gradients, and KV-cached
+  decoding logits and greedy tokens;
 - length-sorted, token-budget micro-batches trimmed to their own longest row against today's
   full-width micro-batches in batch order: same PPO loss statistics and gradients;
 - the micro-batch plan never exceeds its token budget and covers every row once.
@@ -63,13 +65,14 @@ def _rollout():
     return build_rollout_batch(PROMPTS, responses, [True] * len(PROMPTS), pad_id=0)
 
 
-def _engine(attention: str):
+def _engine(attention: str, score_masked_only: bool = True):
     from megatron_reft.engine import Engine, OptimSettings
     from megatron_reft.models.families import model_config_from_preset
 
     engine = Engine(model_config_from_preset("tiny-llama", vocab_size=200), with_value_head=True,
                     attention=attention, optim=OptimSettings(lr=1e-3))
     engine.init_from_scratch(11)
+    engine.score_masked_only = score_masked_only
     return engine
 
 
@@ -141,7 +144,8 @@ def _layout_worker(rank, world, tp, pp):
     rows = list(range(batch.size))
     # width_multiple 4 also under PP: several shapes, so several schedule calls per step
     old_way, budget_plan = _full_width(batch, 2), micro_batches(batch, rows, 2, token_budget=24, width_multiple=4)
-    megatron, sdpa = _engine("megatron"), _engine("sdpa")
+    # today's engine: megatron's attention, every position scored; ours: SDPA, action positions only
+    megatron, sdpa = _engine("megatron", score_masked_only=False), _engine("sdpa")
     out = {"forward": {"megatron": _forward(megatron, batch, old_way), "sdpa": _forward(sdpa, batch, old_way),
                        "sdpa_budget": _forward(sdpa, batch, budget_plan)}}
     _with_advantages(batch, out["forward"]["megatron"])
@@ -198,10 +202,13 @@ def test_ppo_loss_and_grads_equal_padded_megatron_attention(layout, name):
     for r in layout(name):
         ref = r["update"]["megatron"]
         assert ref["stats"]["clip_fraction"] > 0  # the comparison exercises clipping
+        # Logged statistics are means of per-micro-batch values, so they depend on the grouping;
+        # with the same micro-batches they must agree. The optimised loss is a global sum over a
+        # global count (engine.py), so its gradients agree under any grouping.
+        for key, value in ref["stats"].items():
+            assert r["update"]["sdpa"]["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
         for candidate in ("sdpa", "sdpa_budget"):
             got = r["update"][candidate]
-            for key, value in ref["stats"].items():
-                assert got["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (candidate, key)
             scale = max(g.abs().max().item() for g in ref["grads"].values())
             for pname, grad in ref["grads"].items():
                 assert _diff(got["grads"][pname], grad) < TOL * max(scale, 1.0), (candidate, pname)

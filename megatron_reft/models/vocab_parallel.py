@@ -59,11 +59,34 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sum_exp.log() - sum_exp_z / sum_exp
 
 
+@torch.no_grad()
+def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    """(log p(label), H) from vocab-parallel fp32 logits [s, b, V/TP] and labels [s, b] in one
+    pass over the vocabulary (no autograd): the softmax statistics are computed once and shared,
+    instead of a cross-entropy pass and a second, entropy pass."""
+    group = _tp_group()
+    local_max = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - local_max
+    exp = shifted.exp()
+    start, end = _vocab_range(logits.shape[-1])
+    on_this_rank = (labels >= start) & (labels < end)
+    local_index = (labels - start).clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
+    label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
+    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1), label_logit])
+    dist.all_reduce(sums, group=group)
+    log_sum_exp = sums[0].log()
+    return sums[2] - log_sum_exp, log_sum_exp - sums[1] / sums[0]
+
+
 def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature, with_entropy=True):
     logits, _ = output_layer(hidden, weight=weight)  # [s_chunk, b, V/TP]
     logits = mask_padding(logits.float(), true_vocab)
     if temperature != 1.0:
         logits = logits / temperature
+    if with_entropy and not torch.is_grad_enabled():  # rollout passes: one vocabulary pass
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, labels.t())
+        return logprobs.t(), entropy.t()
     # Entropy first: megatron's cross-entropy kernel shifts its fp32 input in place.
     entropy = vocab_parallel_entropy(logits.detach()).t() if with_entropy else None
     logprobs = vocab_parallel_logprobs(logits, labels.t().contiguous())  # [s_chunk, b]
