@@ -68,16 +68,24 @@ def synchronize():
 
 
 class Phases:
+    """Wall seconds per phase, and this process's CPU seconds as `<phase>_cpu`: on a shared
+    machine other jobs stretch wall time; with one thread, CPU time is the method's own work."""
+
     def __init__(self):
         self.seconds = {}
 
     def __call__(self, name, fn):
         synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.seconds[name + "_cpu"] = self.seconds.get(name + "_cpu", 0.0) + time.process_time() - c0
         return out
+
+
+def step_total(phases: dict, cpu: bool = False) -> float:
+    return sum(v for k, v in phases.items() if k != "padding_fraction" and k.endswith("_cpu") == cpu)
 
 
 def synthetic_response_lengths(count: int, limit: int, seed: int) -> list[int]:
@@ -241,20 +249,24 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "new_tokens": args.new_tokens, "lengths": args.lengths,
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
               "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
-    step = {name: [sum(v for k, v in p.items() if k != "padding_fraction") for p in runs_]
-            for name, runs_ in phases.items()}
+    step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}
+    step_cpu = {name: [step_total(p, cpu=True) for p in runs_] for name, runs_ in phases.items()}
     for name, runs_ in phases.items():
         median = statistics.median(step[name])
         result[name] = {"step_seconds_median": median, "samples_per_s": args.batch / median,
+                        "step_cpu_seconds_median": statistics.median(step_cpu[name]),
                         "phases_median": {k: round(statistics.median(p[k] for p in runs_), 4) for k in runs_[0]}}
     if "ours" in phases:
         for other in (m for m in phases if m != "ours"):
             ratios = [b / a for a, b in zip(step["ours"], step[other])]
-            result[f"speedup_vs_{other}"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                             "max": max(ratios)}
-            for phase in ("logprobs_policy", "logprobs_reference", "update", "generation"):
-                per = [b[phase] / a[phase] for a, b in zip(phases["ours"], phases[other])]
-                result[f"speedup_vs_{other}"][phase] = round(statistics.median(per), 3)
+            cpu_ratios = [b / a for a, b in zip(step_cpu["ours"], step_cpu[other])]
+            summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                       "cpu_median": statistics.median(cpu_ratios)}
+            for phase in ("generation", "logprobs_policy", "logprobs_reference", "update"):
+                for suffix in ("", "_cpu"):
+                    per = [b[phase + suffix] / a[phase + suffix] for a, b in zip(phases["ours"], phases[other])]
+                    summary[phase + suffix] = round(statistics.median(per), 3)
+            result[f"speedup_vs_{other}"] = summary
     return result
 
 
@@ -268,7 +280,10 @@ def sweep(args, model, engines, hf_parts) -> list[dict]:
             rows.append({"batch": batch, "new_tokens": new_tokens,
                          "ours_s": round(r["ours"]["step_seconds_median"], 3),
                          "reference_s": round(r["reference_hf"]["step_seconds_median"], 3),
-                         "speedup": round(r["speedup_vs_reference_hf"]["median"], 3)})
+                         "ours_cpu_s": round(r["ours"]["step_cpu_seconds_median"], 3),
+                         "reference_cpu_s": round(r["reference_hf"]["step_cpu_seconds_median"], 3),
+                         "speedup": round(r["speedup_vs_reference_hf"]["median"], 3),
+                         "speedup_cpu": round(r["speedup_vs_reference_hf"]["cpu_median"], 3)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 

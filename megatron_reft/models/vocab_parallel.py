@@ -30,12 +30,13 @@ def _vocab_range(local_vocab: int):
 
 
 def mask_padding(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
-    """Padding columns of this rank's slice → a huge negative logit."""
+    """Padding columns of this rank's slice → a huge negative logit (in place on those columns
+    only: the padded columns are the tail of the slice)."""
     start, end = _vocab_range(logits.shape[-1])
     if end <= true_vocab:
         return logits
-    column = torch.arange(start, end, device=logits.device)
-    return logits.masked_fill(column >= true_vocab, _PAD_LOGIT)
+    logits[..., max(true_vocab - start, 0):] = _PAD_LOGIT
+    return logits
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,23 +61,29 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor):
-    """(log p(label), H) from vocab-parallel fp32 logits [s, b, V/TP] and labels [s, b] in one
-    pass over the vocabulary (no autograd): the softmax statistics are computed once and shared,
-    instead of a cross-entropy pass and a second, entropy pass."""
+def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = True):
+    """(log p(label), H or None) from vocab-parallel fp32 logits [s, b, V/TP] and labels [s, b]
+    in one pass over the vocabulary, for passes without autograd: the softmax statistics are
+    computed once and shared (not a cross-entropy pass plus an entropy pass), and nothing is
+    kept for a backward (megatron's kernel normalises the whole softmax for its backward)."""
     group = _tp_group()
     local_max = logits.max(dim=-1, keepdim=True).values
     dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - local_max
-    exp = shifted.exp()
+    shifted = logits.sub_(local_max)  # in place: the logits are this function's to consume
     start, end = _vocab_range(logits.shape[-1])
     on_this_rank = (labels >= start) & (labels < end)
     local_index = (labels - start).clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
     label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
-    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1), label_logit])
+    if with_entropy:
+        exp = shifted.exp()
+        parts = [exp.sum(-1), label_logit, torch.linalg.vecdot(exp, shifted)]  # Σ e^z·z, no product tensor
+    else:
+        parts = [shifted.exp_().sum(-1), label_logit]
+    sums = torch.stack(parts)
     dist.all_reduce(sums, group=group)
     log_sum_exp = sums[0].log()
-    return sums[2] - log_sum_exp, log_sum_exp - sums[1] / sums[0]
+    entropy = log_sum_exp - sums[2] / sums[0] if with_entropy else None
+    return sums[1] - log_sum_exp, entropy
 
 
 def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature, with_entropy=True):
@@ -84,9 +91,9 @@ def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature, 
     logits = mask_padding(logits.float(), true_vocab)
     if temperature != 1.0:
         logits = logits / temperature
-    if with_entropy and not torch.is_grad_enabled():  # rollout passes: one vocabulary pass
-        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, labels.t())
-        return logprobs.t(), entropy.t()
+    if not torch.is_grad_enabled():  # log-prob passes: one vocabulary pass, nothing kept
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, labels.t(), with_entropy)
+        return logprobs.t(), (entropy.t() if with_entropy else None)
     # Entropy first: megatron's cross-entropy kernel shifts its fp32 input in place.
     entropy = vocab_parallel_entropy(logits.detach()).t() if with_entropy else None
     logprobs = vocab_parallel_logprobs(logits, labels.t().contiguous())  # [s_chunk, b]
