@@ -6,6 +6,9 @@
 - `forward(microbatches)`: per-token log-probs, entropy and values (no grad), returned on
   every rank of the pipeline.
 SFT and PPO code never sees TP/PP: it builds micro-batches of tokens and writes a loss.
+Micro-batches may differ in shape (length-sorted, trimmed; rl/rollout.py): without PP one
+schedule call runs them all, with PP one call per shape and one gradient normalisation at the
+end. Log-probs are computed only where the micro-batch's `action_mask`/`loss_mask` is set.
 
 Loss convention (megatron's `calculate_per_token_loss`): a loss function returns
 `(loss_sum, normaliser_count, stats)`; megatron sums `loss_sum` over micro-batches and DP ranks

@@ -5,7 +5,8 @@ vocabulary: softmax statistics are all-reduced over the TP group. Padding rows (
 padded for TP divisibility) are pushed to a huge negative logit so they never reach a softmax.
 Logits are computed from hidden states a chunk of positions at a time, and under autograd each
 chunk is recomputed in backward (activation checkpointing), so the whole batch's fp32 logits
-never exist at once (peers' most common out-of-memory cause).
+never exist at once (peers' most common out-of-memory cause). Without autograd (log-prob
+passes) one in-place pass over each chunk gives log-probs and, when asked, entropy.
 """
 from __future__ import annotations
 
