@@ -245,3 +245,46 @@ def test_decode_slot_accounting(layout):
     # one step per slot from the shortest prompt (2) to the end of the longest (6 + 6): 10 steps;
     # rows are compacted once a quarter has finished (prompt lengths 2..6 finish at slots 8..12)
     assert generated < row_steps <= 10 * len(PROMPTS)
+
+
+def _module_worker(rank, world):
+    """SDPA vs megatron's DotProductAttention on raw q/k/v: causal prefill, one cached decode
+    token, several tokens after a cached prefix, an explicit mask, query-key layer scaling."""
+    torch.set_num_threads(1)
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.models.sdpa_attention import SDPADotProductAttention
+
+    initialize(1, 1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    diffs = {}
+    for scaling in (False, True):
+        config = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                   apply_query_key_layer_scaling=scaling, attention_softmax_in_fp32=True,
+                                   attention_dropout=0.0)
+        pair = [cls(config, layer_number=3, attn_mask_type=AttnMaskType.causal, attention_type="self")
+                for cls in (DotProductAttention, SDPADotProductAttention)]
+        for name, sq, sk, mask in (("prefill", 7, 7, None), ("decode", 1, 7, None), ("suffix", 3, 7, "causal"),
+                                   ("explicit", 5, 5, "random")):
+            q = torch.randn(sq, 2, 4, 8, generator=g)
+            k, v = torch.randn(sk, 2, 2, 8, generator=g), torch.randn(sk, 2, 2, 8, generator=g)
+            if mask == "causal":  # True = not allowed, bottom-right aligned (megatron's convention)
+                mask = ~torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)[None, None]
+            elif mask == "random":
+                mask = torch.rand(2, 1, sq, sk, generator=g) > 0.6
+                mask[..., 0] = False  # every query sees at least one key
+            outs = [m(q, k, v, mask, attn_mask_type=AttnMaskType.no_mask if name == "decode" else None)
+                    for m in pair]
+            diffs[(scaling, name)] = (outs[0] - outs[1]).abs().max().item()
+    shutdown()
+    return diffs
+
+
+def test_sdpa_module_matches_megatron_attention_on_every_mask_kind():
+    diffs = run_distributed(_module_worker, 1, init_process_group=False, timeout_s=120)[0]
+    assert len(diffs) == 8
+    for case, diff in diffs.items():
+        assert diff < TOL, case

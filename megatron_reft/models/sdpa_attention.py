@@ -58,9 +58,15 @@ class SDPADotProductAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         allowed, causal = self._mask(attention_mask, mask_type, sq, k.shape[2], q.device)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
-                                                 scale=self.softmax_scale, **kwargs)
+                                                 scale=self._scale(), **kwargs)
         # [b, n, sq, d] -> [sq, b, n·d]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, self.hidden_size_per_partition)
+
+    def _scale(self) -> float:
+        """megatron's net scale: with query-key layer scaling it divides `softmax_scale` by the
+        layer number and its softmax multiplies the scores back by it."""
+        coeff = self.scale_mask_softmax.scale
+        return self.softmax_scale * coeff if coeff is not None else self.softmax_scale
 
     @staticmethod
     def _mask(attention_mask, mask_type, sq: int, sk: int, device):
