@@ -1,14 +1,22 @@
-"""Time per PPO step and its phase breakdown: ours vs the reference method, one run.
+"""Time per PPO step and its phase breakdown: ours vs today's engine vs the reference method, one run.
 
 The reference method is the ReFT authors' loop rebuilt with plain `transformers`
 (../shared/reference/measuring.md): HF `generate` (T=1 sampling) → one forward of the
 policy-with-value-head for old log-probs and values (full-vocabulary fp32 log-softmax) → one
-forward of the reference model → GAE → two AdamW updates on the full batch. Ours runs the same
-algorithm through megatron-core (`Engine`, `generate`, `rl.ppo_math`). Same architecture, same
-weights, same prompts, fixed response lengths (EOS ignored) so both do the same work; interleaved
-A B A B repeats; medians and the ratio.
+forward of the reference model → GAE → two AdamW updates on the full batch, padded to its
+longest sequence. Ours runs the same algorithm through megatron-core (`Engine`, `generate`,
+`rl.ppo_math`) with issue 15's fast paths (SDPA attention, length-sorted token-budget
+micro-batches trimmed to their longest row, log-probs only at action positions, no entropy in
+the reference pass); `ours_before` is the same code with today's settings (megatron's
+attention, full-width micro-batches in batch order, every position scored, entropy in both
+log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; generation at a
+fixed length (EOS ignored) so all do the same decoding work; `--lengths synthetic` then cuts each
+response to a length drawn from the synthetic task's gold CoT lengths (what a trained policy
+emits), so the passes see realistic padding. Interleaved A B C A B C repeats; medians; ratios
+are medians of per-repeat ratios.
 
-    python benchmarks/ppo_step.py [--preset cpu-small] [--batch 32] [--new-tokens 64] [--repeats 3]
+    python benchmarks/ppo_step.py [--preset cpu-small|quickstart] [--batch 32] [--new-tokens 64]
+    python benchmarks/ppo_step.py --sweep --batches 8,32 --lengths-sweep 32,64   # scaling table
 
 Prints JSON. On a GPU (auto-detected) it uses bf16 and CUDA; on CPU fp32 with --threads.
 """
@@ -27,16 +35,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import generation as genbench  # noqa: E402  (shared helpers: model shapes, HF weight copy)
 
 
+# The CPU quickstart's model (configs/demo_cpu.yaml) with the synthetic tokenizer's vocabulary.
+QUICKSTART = dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=384, vocab_size=384, max_position_embeddings=1024)
+METHODS = ("ours", "ours_before", "reference_hf")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-small", help="cpu-small, tiny-llama, llama-1b, codellama-7b, ...")
+    p.add_argument("--preset", default="cpu-small", help="cpu-small, quickstart, tiny-llama, llama-1b, ...")
     p.add_argument("--batch", type=int, default=32, help="rollout batch (prompts, one sample each)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="ours: token budget per micro-batch (default: micro-batch × longest sequence)")
+    p.add_argument("--lengths", choices=("fixed", "synthetic"), default="fixed",
+                   help="response lengths: all --new-tokens, or drawn from the synthetic task (≤ --new-tokens)")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", action="store_true", help="step time over --batches × --lengths-sweep (ours vs HF)")
+    p.add_argument("--batches", default="8,32,128,256")
+    p.add_argument("--lengths-sweep", default="32,128,512")
     return p.parse_args(argv)
 
 
@@ -46,16 +68,39 @@ def synchronize():
 
 
 class Phases:
+    """Wall seconds per phase, and this process's CPU seconds as `<phase>_cpu`: on a shared
+    machine other jobs stretch wall time; with one thread, CPU time is the method's own work."""
+
     def __init__(self):
         self.seconds = {}
 
     def __call__(self, name, fn):
         synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.seconds[name + "_cpu"] = self.seconds.get(name + "_cpu", 0.0) + time.process_time() - c0
         return out
+
+
+def step_total(phases: dict, cpu: bool = False) -> float:
+    return sum(v for k, v in phases.items() if k != "padding_fraction" and k.endswith("_cpu") == cpu)
+
+
+def synthetic_response_lengths(count: int, limit: int, seed: int) -> list[int]:
+    """Gold CoT + EOS token lengths of synthetic-task items (difficulty 1, the quickstart's), with
+    the quickstart's tokenizer, scaled so that the longest is `limit`."""
+    import tempfile
+
+    from megatron_reft.data import encode_sft_records, make_synthetic_records, train_synthetic_tokenizer
+
+    records = make_synthetic_records(max(count, 256), seed=seed, difficulty=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_synthetic_tokenizer(records, tmp)
+        examples, _, _ = encode_sft_records(tokenizer, records, "ncot", 10_000)
+    lengths = [sum(e.loss_mask) for e in examples][:count]
+    return [max(1, round(n * limit / max(lengths))) for n in lengths]
 
 
 def advantages(scores, old_lp, ref_lp, values, mask):
@@ -66,10 +111,20 @@ def advantages(scores, old_lp, ref_lp, values, mask):
     return ppo_math.whiten_advantages(adv, mask), returns
 
 
-def ours_step(policy, reference, prompts, scores, args, seed):
+def _plan(batch, args, fast: bool):
+    from megatron_reft.rl.rollout import micro_batches, split_rows
+
+    if not fast:  # today's plan: batch order, every micro-batch as wide as the batch
+        return [split_rows(batch, range(i, min(i + args.micro_batch, batch.size)))
+                for i in range(0, batch.size, args.micro_batch)]
+    budget = args.micro_batch_tokens or args.micro_batch * batch.tokens.shape[1]
+    return micro_batches(batch, list(range(batch.size)), args.micro_batch, token_budget=budget)
+
+
+def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True):
     from megatron_reft.config import load_config
     from megatron_reft.generation import SamplingParams, generate
-    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
+    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats
     from megatron_reft.rl.trainer import ppo_loss_fn
 
     ph = Phases()
@@ -77,18 +132,19 @@ def ours_step(policy, reference, prompts, scores, args, seed):
                             max_total_length=args.prompt_len + args.new_tokens + 1)
     policy.module.eval()
     out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed))
-    batch = build_rollout_batch(prompts, out.tokens, out.finished, pad_id=0)
-    rows = list(range(batch.size))
-    mbs = micro_batches(batch, rows, args.micro_batch)
+    responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
+    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0)
+    mbs = _plan(batch, args, fast)
     old = ph("logprobs_policy", lambda: policy.forward(mbs))
-    ref = ph("logprobs_reference", lambda: reference.forward(mbs))
-    old_lp, values = gather_forward(old, "logprobs", batch.size), gather_forward(old, "values", batch.size)
-    adv, returns = ph("advantages", lambda: advantages(scores, old_lp, gather_forward(ref, "logprobs", batch.size),
-                                                       values, batch.action_mask))
+    ref = ph("logprobs_reference", lambda: reference.forward(mbs, with_entropy=not fast))
+    old_lp, values = gather_forward(old, "logprobs", mbs, batch), gather_forward(old, "values", mbs, batch)
+    ref_lp = gather_forward(ref, "logprobs", mbs, batch)
+    adv, returns = ph("advantages", lambda: advantages(scores, old_lp, ref_lp, values, batch.action_mask))
     batch.tensors.update(old_logprobs=old_lp, values=values, advantages=adv, returns=returns)
     loss_fn = ppo_loss_fn(load_config(None, []))
     for _ in range(2):  # reft.md §4: two PPO updates per rollout batch, full batch each
-        ph("update", lambda: policy.train_step(micro_batches(batch, rows, args.micro_batch), loss_fn))
+        ph("update", lambda: policy.train_step(_plan(batch, args, fast), loss_fn))
+    ph.seconds["padding_fraction"] = padding_stats(batch, mbs)["padding_fraction"]
     return ph.seconds
 
 
@@ -101,7 +157,7 @@ def hf_forward(model, head, tokens, labels):
     return logprobs, values
 
 
-def reference_step(hf, hf_ref, head, optimizer, prompts, scores, args, seed):
+def reference_step(hf, hf_ref, head, optimizer, prompts, lengths, scores, args, seed):
     from megatron_reft.rl import ppo_math
 
     ph = Phases()
@@ -114,9 +170,11 @@ def reference_step(hf, hf_ref, head, optimizer, prompts, scores, args, seed):
                            eos_token_id=0, pad_token_id=0)
 
     seqs = ph("generation", sample)
+    seqs = seqs[:, :args.prompt_len + max(lengths)]  # right-padded to the batch's longest response
     tokens, labels = seqs[:, :-1], seqs[:, 1:]
     mask = torch.zeros(labels.shape, device=hf.device)
-    mask[:, args.prompt_len - 1:] = 1.0
+    for row, n in enumerate(lengths):
+        mask[row, args.prompt_len - 1:args.prompt_len - 1 + n] = 1.0
     with torch.no_grad():
         old_lp, values = ph("logprobs_policy", lambda: hf_forward(hf, head, tokens, labels))
         ref_lp, _ = ph("logprobs_reference", lambda: hf_forward(hf_ref, None, tokens, labels))
@@ -135,54 +193,110 @@ def reference_step(hf, hf_ref, head, optimizer, prompts, scores, args, seed):
     return ph.seconds
 
 
+def model_config(preset: str):
+    from megatron_reft.models.families import ModelConfig
+
+    if preset == "quickstart":
+        return ModelConfig(**QUICKSTART, preset="tiny-llama")
+    return genbench.model_config(preset)
+
+
 def build(args):
+    """Engines (ours: SDPA; ours_before: megatron's attention) and the HF copies, same weights."""
     from megatron_reft.distributed.init import initialize
     from megatron_reft.engine import Engine, OptimSettings
 
     initialize(1, 1, seed=args.seed)
-    model = genbench.model_config(args.preset)
+    model = model_config(args.preset)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = Engine(model, dtype=dtype, with_value_head=True, optim=OptimSettings(lr=1e-6))
-    reference = Engine(model, dtype=dtype)
-    genbench.fast_init(policy.gpt, model.init_std, args.seed)
-    genbench.fast_init(reference.gpt, model.init_std, args.seed)
-    policy._sync_param_copies()
+    engines = {}
+    for name, attention in (("ours", "sdpa"), ("ours_before", "megatron")):
+        policy = Engine(model, dtype=dtype, with_value_head=True, optim=OptimSettings(lr=1e-6), attention=attention)
+        reference = Engine(model, dtype=dtype, attention=attention)
+        policy.score_masked_only = reference.score_masked_only = name == "ours"
+        genbench.fast_init(policy.gpt, model.init_std, args.seed)
+        genbench.fast_init(reference.gpt, model.init_std, args.seed)
+        policy._sync_param_copies()
+        engines[name] = (policy, reference)
+    policy, reference = engines["ours"]
     hf, hf_ref = genbench.hf_copy(policy, device, dtype), genbench.hf_copy(reference, device, dtype)
     head = torch.nn.Linear(model.hidden_size, 1, device=device, dtype=dtype)
     hf.train(False)  # reft.md §4: dropout off (the reference keeps eval mode during updates)
     optimizer = torch.optim.AdamW(list(hf.parameters()) + list(head.parameters()), lr=1e-6, eps=1e-8,
                                   weight_decay=0.0)
-    return model, policy, reference, hf, hf_ref, head, optimizer
+    return model, engines, (hf, hf_ref, head, optimizer)
+
+
+def measure(args, model, engines, hf_parts, methods) -> dict:
+    """One shape: interleaved repeats of every method; per-phase medians and ratios."""
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(3, model.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    scores = (torch.rand(args.batch, generator=g) > 0.5).float()
+    lengths = ([args.new_tokens] * args.batch if args.lengths == "fixed"
+               else synthetic_response_lengths(args.batch, args.new_tokens, args.seed))
+    table = {"ours": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, fast=True),
+             "ours_before": lambda s: ours_step(*engines["ours_before"], prompts, lengths, scores, args, s, fast=False),
+             "reference_hf": lambda s: reference_step(*hf_parts, prompts, lengths, scores, args, s)}
+    runs = {name: table[name] for name in methods}
+    for fn in runs.values():  # warm-up
+        fn(-1)
+    phases = {name: [] for name in runs}
+    for r in range(args.repeats):  # interleaved A B C A B C
+        for name, fn in runs.items():
+            phases[name].append(fn(r))
+    result = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "lengths": args.lengths,
+              "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
+    step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}
+    step_cpu = {name: [step_total(p, cpu=True) for p in runs_] for name, runs_ in phases.items()}
+    for name, runs_ in phases.items():
+        median = statistics.median(step[name])
+        result[name] = {"step_seconds_median": median, "samples_per_s": args.batch / median,
+                        "step_cpu_seconds_median": statistics.median(step_cpu[name]),
+                        "phases_median": {k: round(statistics.median(p[k] for p in runs_), 4) for k in runs_[0]}}
+    if "ours" in phases:
+        for other in (m for m in phases if m != "ours"):
+            ratios = [b / a for a, b in zip(step["ours"], step[other])]
+            cpu_ratios = [b / a for a, b in zip(step_cpu["ours"], step_cpu[other])]
+            summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                       "cpu_median": statistics.median(cpu_ratios)}
+            for phase in ("generation", "logprobs_policy", "logprobs_reference", "update"):
+                for suffix in ("", "_cpu"):
+                    per = [b[phase + suffix] / a[phase + suffix] for a, b in zip(phases["ours"], phases[other])]
+                    summary[phase + suffix] = round(statistics.median(per), 3)
+            result[f"speedup_vs_{other}"] = summary
+    return result
+
+
+def sweep(args, model, engines, hf_parts) -> list[dict]:
+    """Step time as the rollout batch and the response length grow (ours vs the reference)."""
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for new_tokens in (int(n) for n in args.lengths_sweep.split(",")):
+            args.batch, args.new_tokens = batch, new_tokens
+            r = measure(args, model, engines, hf_parts, ("ours", "reference_hf"))
+            rows.append({"batch": batch, "new_tokens": new_tokens,
+                         "ours_s": round(r["ours"]["step_seconds_median"], 3),
+                         "reference_s": round(r["reference_hf"]["step_seconds_median"], 3),
+                         "ours_cpu_s": round(r["ours"]["step_cpu_seconds_median"], 3),
+                         "reference_cpu_s": round(r["reference_hf"]["step_cpu_seconds_median"], 3),
+                         "speedup": round(r["speedup_vs_reference_hf"]["median"], 3),
+                         "speedup_cpu": round(r["speedup_vs_reference_hf"]["cpu_median"], 3)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, policy, reference, hf, hf_ref, head, optimizer = build(args)
-    g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(3, model.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
-    scores = (torch.rand(args.batch, generator=g) > 0.5).float()
-    runs = {"ours": lambda s: ours_step(policy, reference, prompts, scores, args, s),
-            "reference_hf": lambda s: reference_step(hf, hf_ref, head, optimizer, prompts, scores, args, s)}
-    for fn in runs.values():  # warm-up
-        fn(-1)
-    phases = {name: [] for name in runs}
-    for r in range(args.repeats):  # interleaved A B A B
-        for name, fn in runs.items():
-            phases[name].append(fn(r))
-    result = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
-    for name, runs_ in phases.items():
-        totals = [sum(p.values()) for p in runs_]
-        result[name] = {"step_seconds_median": statistics.median(totals),
-                        "samples_per_s": args.batch / statistics.median(totals),
-                        "tokens_per_s": args.batch * args.new_tokens / statistics.median(totals),
-                        "phases_median": {k: round(statistics.median(p[k] for p in runs_), 4) for k in runs_[0]}}
-    ratios = [sum(b.values()) / sum(a.values()) for a, b in zip(phases["ours"], phases["reference_hf"])]
-    result["speedup_vs_reference"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-    print(json.dumps(result, indent=2))
+    model, engines, hf_parts = build(args)
+    if args.sweep:
+        print(json.dumps({"preset": args.preset, "lengths": args.lengths, "repeats": args.repeats,
+                          "sweep": sweep(args, model, engines, hf_parts)}, indent=2))
+        return
+    print(json.dumps(measure(args, model, engines, hf_parts, args.methods.split(",")), indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 - `forward(microbatches)`: per-token log-probs, entropy and values (no grad), returned on
   every rank of the pipeline.
 SFT and PPO code never sees TP/PP: it builds micro-batches of tokens and writes a loss.
+Micro-batches may differ in shape (length-sorted, trimmed; rl/rollout.py): without PP one
+schedule call runs them all, with PP one call per shape and one gradient normalisation at the
+end. Log-probs are computed only where the micro-batch's `action_mask`/`loss_mask` is set.
 
 Loss convention (megatron's `calculate_per_token_loss`): a loss function returns
 `(loss_sum, normaliser_count, stats)`; megatron sums `loss_sum` over micro-batches and DP ranks
@@ -59,18 +62,42 @@ def _pad_to(t: torch.Tensor, length: int, value=0) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """values at the True positions of `where` [s, b], zeros elsewhere, as [b, s]."""
+    out = values.new_zeros(where.shape)
+    out = out.index_put((where,), values) if values.requires_grad else out.index_put_((where,), values)
+    return out.t()
+
+
+def _deferred_finalize(finalize, counts: list, last: bool):
+    """finalize_model_grads for one of several schedule calls of a step: earlier calls only
+    record their loss counts (gradients keep accumulating in the DDP buffers, reduced nowhere
+    yet); the last call reduces them once, normalised by the count summed over all calls."""
+    def run(model, num_tokens, *args, **kwargs):
+        if num_tokens is None:  # not per-token normalisation: nothing to add up
+            return finalize(model, num_tokens, *args, **kwargs) if last else None
+        if not last:
+            counts.append(num_tokens.clone())
+            return None
+        return finalize(model, num_tokens + sum(counts), *args, **kwargs)
+
+    return run
+
+
 class Engine:
     def __init__(self, model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_te=None,
                  with_value_head: bool = False, optim: OptimSettings | None = None,
-                 recompute: bool = False, logprob_chunk_tokens: int = 4096):
+                 recompute: bool = False, logprob_chunk_tokens: int = 4096, attention: str = "sdpa"):
         from megatron.core import parallel_state as ps
 
         self.model_config = model
         self.dtype = dtype
         self.chunk_tokens = logprob_chunk_tokens
         self.temperature = 1.0
+        self._with_entropy = True
+        self.score_masked_only = True  # False: log-probs at every position (today's behaviour; tests)
         self.gpt = build_model(model, dtype=dtype, use_te=use_te, with_value_head=with_value_head,
-                               recompute=recompute)
+                               recompute=recompute, attention=attention)
         self.tconfig = self.gpt.config
         self.tconfig.calculate_per_token_loss = True
         self.is_first_stage = ps.is_pipeline_first_stage()
@@ -147,39 +174,97 @@ class Engine:
     def _last_stage_loss(self, mb: dict, hidden: torch.Tensor, loss_fn: LossFn | None):
         gpt = self.gpt
         hidden = hidden.to(self.dtype)
-        logprobs, entropy = token_logprobs_and_entropy(
-            hidden, mb["labels"], gpt.output_layer, gpt.output_weight(),
-            self.model_config.vocab_size, self.chunk_tokens, self.temperature,
-            with_entropy=loss_fn is None)  # entropy is a rollout statistic, not a training input
+        # Entropy is a rollout statistic, not a training input: only forward passes that log it
+        # pay for its full-vocabulary reduction.
+        with_entropy = loss_fn is None and self._with_entropy
+        logprobs, entropy = self._scored_logprobs(mb, hidden, with_entropy)
         values = None
         if gpt.value_head is not None:
             values = gpt.value_head(hidden).squeeze(-1).t().float()  # [b, s]
         out = {"logprobs": logprobs, "entropy": entropy, "values": values}
-        if loss_fn is None:  # forward only: hand the per-token outputs back (entropy included)
+        if loss_fn is None:  # forward only: hand the per-token outputs back
             detached = {k: v.detach() for k, v in out.items() if v is not None}
             return torch.zeros(()), torch.ones((), dtype=torch.int), detached
         loss_sum, count, stats = loss_fn(mb, out)
         return loss_sum, torch.as_tensor(count, dtype=torch.int).reshape(()), stats
 
+    def _scored_logprobs(self, mb: dict, hidden: torch.Tensor, with_entropy: bool):
+        """Log-probs (and entropy) [b, s] at the positions the micro-batch scores — its
+        `action_mask` (PPO) or `loss_mask` (SFT) — and 0 elsewhere: no loss, statistic or
+        advantage reads other positions, so the output layer and the fp32 vocabulary softmax
+        skip the prompt and the padding (only needed work). Without a mask: every position."""
+        gpt = self.gpt
+        mask = mb.get("action_mask", mb.get("loss_mask"))
+        args = (gpt.output_layer, gpt.output_weight(), self.model_config.vocab_size, self.chunk_tokens,
+                self.temperature)
+        if (mask is None or not self.score_masked_only or self.tconfig.sequence_parallel
+                or not bool(mask.any())):
+            return token_logprobs_and_entropy(hidden, mb["labels"], *args, with_entropy=with_entropy)
+        scored = mask.t() != 0  # [s, b], the layout of hidden
+        lp, ent = token_logprobs_and_entropy(hidden[scored].unsqueeze(1), mb["labels"].t()[scored].unsqueeze(0),
+                                             *args, with_entropy=with_entropy)
+        return _scatter(lp[0], scored), (_scatter(ent[0], scored) if with_entropy else None)
+
     def _prepare(self, microbatches: list[dict]) -> tuple[list[dict], int, int]:
-        """Pad every micro-batch to one [b, s] (pipeline P2P needs fixed shapes); add masks."""
+        """With PP, pad the micro-batches of one schedule call to one [b, s] (pipeline P2P needs
+        fixed shapes; without PP they keep their own); add positions. No attention-mask tensor: every layer spec applies its causal
+        mask itself (megatron's attn_mask_type), SDPA without materialising one."""
+        from megatron.core import parallel_state as ps
+
+        uniform = ps.get_pipeline_model_parallel_world_size() > 1  # else any shapes may mix
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
         batch = microbatches[0]["tokens"].shape[0]
         prepared = []
         for mb in microbatches:
-            if mb["tokens"].shape[0] != batch:
+            if uniform and mb["tokens"].shape[0] != batch:
                 raise ValueError("all micro-batches of one call must have the same batch size")
-            mb = {k: (_pad_to(v, seq) if torch.is_tensor(v) and v.dim() >= 2 and k != "attention_mask" else v)
-                  for k, v in mb.items()}
-            if mb.get("attention_mask") is None:
-                mb["attention_mask"] = causal_mask(seq, mb["tokens"].device)
+            if uniform:
+                mb = {k: (_pad_to(v, seq) if torch.is_tensor(v) and v.dim() >= 2 and k != "attention_mask" else v)
+                      for k, v in mb.items()}
+            else:
+                mb = dict(mb)
+            mb.setdefault("attention_mask", None)
             if "position_ids" not in mb:
-                mb["position_ids"] = torch.arange(seq, device=mb["tokens"].device).expand(batch, seq)
+                b, s = mb["tokens"].shape
+                mb["position_ids"] = torch.arange(s, device=mb["tokens"].device).expand(b, s)
             prepared.append(mb)
         return prepared, seq, batch
 
+    def _shape_groups(self, microbatches: list[dict]) -> list[list[int]]:
+        """Micro-batch indices per pipeline schedule call. Without pipelining the schedule takes
+        any shapes, so one call; with PP every call needs one [b, s], so one call per shape
+        (callers keep the number of shapes small: rl/rollout.py's `width_multiple`)."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return [list(range(len(microbatches)))]
+        groups: dict[tuple, list[int]] = {}
+        for i, mb in enumerate(microbatches):
+            groups.setdefault(tuple(mb["tokens"].shape), []).append(i)
+        return list(groups.values())
+
     def forward_backward(self, microbatches: list[dict], loss_fn: LossFn | None,
                          forward_only: bool = False) -> list[dict]:
+        """Run the micro-batches through megatron's schedule; gradients accumulate over all of
+        them and are reduced and normalised once, by the total count (engine's loss convention),
+        however many schedule calls their shapes need."""
+        groups = self._shape_groups(microbatches)
+        finalize = self.tconfig.finalize_model_grads_func
+        counts: list[torch.Tensor] = []
+        results: list = [None] * len(microbatches)
+        try:
+            for n, group in enumerate(groups):
+                if finalize is not None and not forward_only and len(groups) > 1:
+                    self.tconfig.finalize_model_grads_func = _deferred_finalize(
+                        finalize, counts, last=n == len(groups) - 1)
+                outputs = self._schedule_call([microbatches[i] for i in group], loss_fn, forward_only)
+                for i, out in zip(group, outputs):  # outputs exist on the last stage only
+                    results[i] = out
+        finally:
+            self.tconfig.finalize_model_grads_func = finalize
+        return [r for r in results if r is not None]
+
+    def _schedule_call(self, microbatches: list[dict], loss_fn: LossFn | None, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         microbatches, seq, batch = self._prepare(microbatches)
@@ -203,31 +288,47 @@ class Engine:
                 "update_ok": bool(update_ok)}
 
     @torch.no_grad()
-    def forward(self, microbatches: list[dict]) -> list[dict]:
-        """Per-token log-probs/entropy/values for each micro-batch, on every pipeline rank.
+    def forward(self, microbatches: list[dict], with_entropy: bool = True) -> list[dict]:
+        """Per-token log-probs (entropy unless `with_entropy=False`) and values for each
+        micro-batch, on every pipeline rank.
 
         Outputs are [b, s] aligned with `labels` (position t scores label t = token t+1).
         """
         self.module.eval()
-        outputs = self.forward_backward(microbatches, None, forward_only=True)
-        return self._broadcast_from_last_stage(outputs, microbatches)
+        self._with_entropy = with_entropy
+        try:
+            outputs = self.forward_backward(microbatches, None, forward_only=True)
+        finally:
+            self._with_entropy = True
+        return self._broadcast_from_last_stage(outputs, microbatches, with_entropy)
 
-    def _broadcast_from_last_stage(self, outputs: list[dict], microbatches: list[dict]) -> list[dict]:
+    def _broadcast_from_last_stage(self, outputs: list[dict], microbatches: list[dict],
+                                   with_entropy: bool = True) -> list[dict]:
         from megatron.core import parallel_state as ps
 
         if ps.get_pipeline_model_parallel_world_size() == 1:
             return outputs
         group, src = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
-        keys = ["logprobs", "entropy"] + (["values"] if self._has_value_head() else [])
+        keys = ["logprobs"] + (["entropy"] if with_entropy else []) + (["values"] if self._has_value_head() else [])
+        widths = self._call_widths(microbatches)
         result = []
         for i, mb in enumerate(microbatches):
-            b, s = mb["tokens"].shape[0], max(m["tokens"].shape[1] for m in microbatches)
+            b, s = mb["tokens"].shape[0], widths[i]
             packed = (torch.stack([outputs[i][k] for k in keys]) if self.is_last_stage
                       else torch.empty(len(keys), b, s))
             packed = packed.float().contiguous()
             dist.broadcast(packed, src=src, group=group)
             result.append(dict(zip(keys, packed.unbind(0))))
         return result
+
+    def _call_widths(self, microbatches: list[dict]) -> list[int]:
+        """Each micro-batch's width as run: the widest of its schedule call."""
+        widths = [0] * len(microbatches)
+        for group in self._shape_groups(microbatches):
+            seq = max(microbatches[i]["tokens"].shape[1] for i in group)
+            for i in group:
+                widths[i] = seq
+        return widths
 
     def _has_value_head(self) -> bool:
         from megatron.core import parallel_state as ps

@@ -36,7 +36,7 @@ def _ppo_step_worker(rank, world, tp, pp):
     from megatron_reft.engine import Engine, OptimSettings
     from megatron_reft.models.families import model_config_from_preset
     from megatron_reft.rl import ppo_math
-    from megatron_reft.rl.rollout import micro_batches
+    from megatron_reft.rl.rollout import gather_forward, micro_batches
     from megatron_reft.rl.trainer import ppo_loss_fn, reduce_stats
     from megatron.core import parallel_state as ps
 
@@ -46,9 +46,10 @@ def _ppo_step_worker(rank, world, tp, pp):
     engine.init_from_scratch(5)
     batch = _rollout(model_cfg)
     all_rows = list(range(batch.size))
-    old = engine.forward(micro_batches(batch, all_rows, 2))
-    old_logprobs = torch.cat([o["logprobs"] for o in old])
-    values = torch.cat([o["values"] for o in old])
+    mbs = micro_batches(batch, all_rows, 2)
+    old = engine.forward(mbs)
+    old_logprobs = gather_forward(old, "logprobs", mbs, batch)
+    values = gather_forward(old, "values", mbs, batch)
     g = torch.Generator().manual_seed(12)
     scores = torch.tensor([1.0, 0.1, 0.0, 1.0])
     ref_logprobs = old_logprobs + 0.05 * torch.randn(old_logprobs.shape, generator=g)
@@ -62,10 +63,10 @@ def _ppo_step_worker(rank, world, tp, pp):
     engine.module.train()
     result = engine.train_step(micro_batches(batch, mine, 1), ppo_loss_fn(config))
     stats = reduce_stats(result["stats"])
-    probe = engine.forward(micro_batches(batch, all_rows, 2))
+    probe = engine.forward(mbs)
     out = {"stats": stats, "grad_norm": result["grad_norm"], "old_logprobs": old_logprobs * batch.action_mask,
-           "logprobs": torch.cat([o["logprobs"] for o in probe]) * batch.action_mask,
-           "values": torch.cat([o["values"] for o in probe]) * batch.action_mask}
+           "logprobs": gather_forward(probe, "logprobs", mbs, batch) * batch.action_mask,
+           "values": gather_forward(probe, "values", mbs, batch) * batch.action_mask}
     shutdown()
     return out
 

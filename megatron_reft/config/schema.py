@@ -29,6 +29,7 @@ class ModelSection:
     make_vocab_size_divisible_by: Optional[int] = None
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     use_te: str = "auto"  # auto: Transformer Engine spec when it imports
+    attention: str = "sdpa"  # core attention of the local (non-TE) spec: sdpa | megatron
     recompute: bool = False  # full activation recomputation per layer
 
 
@@ -90,6 +91,7 @@ class TrainerSection:
     max_seconds: Optional[float] = None  # stop (and checkpoint) after this much training wall-clock time
     global_batch_size: int = 48
     micro_batch_size: int = 4
+    micro_batch_tokens: Optional[int] = None  # token budget per length-sorted micro-batch (SFT, PPO passes)
     log_interval: int = 1
     eval_interval: Optional[int] = None  # steps; None: once per epoch
     save_interval: Optional[int] = None  # steps; None: once per epoch (and always at the end)

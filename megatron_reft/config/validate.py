@@ -18,6 +18,7 @@ CHOICES = {
     "optim.schedule": ("linear", "constant"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.use_te": ("auto", "true", "false"),
+    "model.attention": ("sdpa", "megatron"),
 }
 
 
@@ -118,6 +119,8 @@ def _value_errors(config: Config) -> list[str]:
     for key in ("sample_interval", "num_samples"):
         if getattr(config.trainer, key) < 0:
             errors.append(f"trainer.{key}: {getattr(config.trainer, key)} must be >= 0")
+    if config.trainer.micro_batch_tokens is not None and config.trainer.micro_batch_tokens < 1:
+        errors.append("trainer.micro_batch_tokens: must be >= 1 (or unset)")
     return errors
 
 

@@ -7,7 +7,7 @@ Names are imported lazily so that `from megatron_reft.data import Record` does n
 import importlib
 
 _EXPORTS = {
-    "batching": ["ResumableBatchSampler", "collate_sft", "eval_shard"],
+    "batching": ["ResumableBatchSampler", "collate_sft", "eval_shard", "padding_fraction", "plan_micro_batches"],
     "loaders": ["load_records", "save_records", "split_gsm8k_solution", "parse_hf_spec"],
     "prompts": ["ANSWER_TRIGGER", "COT_TRIGGER", "INSTRUCTION", "OverlongError", "SFTExample", "build_prompt",
                 "build_rl_prompt", "build_target", "encode_rl_prompt", "encode_rl_prompts", "encode_sft",

@@ -122,3 +122,52 @@ def collate_sft(examples, pad_id: int, pad_to_multiple_of: int = 1) -> dict[str,
         labels[row, :n] = ids[1:]
         loss_mask[row, :n] = torch.tensor(example.loss_mask[1:], dtype=torch.long)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+
+
+def plan_micro_batches(lengths: list[int], micro_batch_size: int, token_budget: int | None = None,
+                       width_multiple: int = 1, max_width: int | None = None) -> list[list[int]]:
+    """Rows grouped into micro-batches that are trimmed to their own longest sequence.
+
+    Rows are sorted by length (longest first, ties by index, so the plan is deterministic), then
+    cut into groups: of `micro_batch_size` rows, or — with `token_budget` — as many rows as fit
+    while rows × (longest row, rounded up to `width_multiple`, at most `max_width`) stays within
+    the budget. A single
+    row longer than the budget forms a micro-batch of its own (the only way a micro-batch can
+    exceed the budget). Sorting keeps similar lengths together, so trimming leaves little padding.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if token_budget is not None and token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for row in order:
+        if groups and _fits(groups[-1], lengths, micro_batch_size, token_budget, width_multiple, max_width):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _fits(group: list[int], lengths: list[int], micro_batch_size: int, token_budget: int | None,
+          width_multiple: int, max_width: int | None) -> bool:
+    """Can one more (no longer) row join `group`? Its width is set by its first, longest row."""
+    if token_budget is None:
+        return len(group) < micro_batch_size
+    return (len(group) + 1) * group_width(lengths, group[:1], width_multiple, max_width) <= token_budget
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def padding_fraction(lengths: list[int], groups: list[list[int]], width_multiple: int = 1,
+                     cap: int | None = None) -> float:
+    """Share of the computed positions that are padding when each group is trimmed to its longest."""
+    computed = sum(len(g) * group_width(lengths, g, width_multiple, cap) for g in groups)
+    return 1.0 - sum(lengths) / computed if computed else 0.0
+
+
+def group_width(lengths: list[int], group: list[int], width_multiple: int = 1, cap: int | None = None) -> int:
+    width = round_up(max(lengths[i] for i in group), width_multiple)
+    return min(width, cap) if cap is not None else width

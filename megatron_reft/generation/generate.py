@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_reft.engine import causal_mask
 from megatron_reft.generation.sampling import SamplingParams, next_tokens
 from megatron_reft.generation.stages import StageRunner
 
@@ -36,6 +35,15 @@ class GenerationOutput:
     finished: list[bool]  # True: stopped at EOS; False: cut at a length limit
     num_generated_tokens: int
     seconds: float
+    # Decode-slot accounting: rows the model computed, summed over decode steps (one token per
+    # row per step); num_generated_tokens / decode_row_steps is the share of that work that
+    # produced a response token (the rest: rows still feeding their prompt, or finished rows
+    # kept until the next compaction).
+    decode_row_steps: int = 0
+
+    @property
+    def decode_utilisation(self) -> float:
+        return self.num_generated_tokens / self.decode_row_steps if self.decode_row_steps else 0.0
 
 
 def response_limits(prompts: list[list[int]], params: SamplingParams, max_positions: int | None = None) -> list[int]:
@@ -76,6 +84,7 @@ class _Batch:
         self.hit_eos = torch.zeros(b, dtype=torch.bool, device=device)
         self.rows = torch.arange(b, device=device)
         self.n = b
+        self.row_steps = 0  # rows computed, summed over decode steps
         self.eos_id, self.stops_at_eos = eos_id, stops_at_eos
 
     @property
@@ -112,7 +121,7 @@ class _Batch:
         lens, counts = self.lens.tolist(), self.generated.tolist()
         rows = self.tokens.tolist()
         tokens = [row[s:s + c] for row, s, c in zip(rows, lens, counts)]
-        return GenerationOutput(tokens, self.hit_eos.tolist(), sum(counts), seconds)
+        return GenerationOutput(tokens, self.hit_eos.tolist(), sum(counts), seconds, self.row_steps)
 
 
 @torch.no_grad()
@@ -159,6 +168,7 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     bar = _progress_bar(total - slot, progress)
     logits = _forward(stage, batch, 0, slot, context)  # prefill of the shared prompt prefix
     while True:
+        batch.row_steps += batch.n
         sampled = next_tokens(logits, params, generator) if stage.is_sampler else None
         batch.accept(stage.share(sampled, batch.n), slot)
         slot += 1
@@ -177,8 +187,10 @@ def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
     """Feed slots [begin, end) of the active rows (begin > 0 only with a cache holding the rest)."""
     tokens = batch.tokens[batch.active, begin:end]
     positions = torch.arange(begin, end, device=tokens.device).expand_as(tokens)
-    # Several new positions need a causal mask; one new position sees the whole cache.
-    mask = causal_mask(end - begin, tokens.device) if end - begin > 1 else None
+    # No mask tensor: the prefill (begin = 0, no padding before any real token — see the module
+    # docstring) is plain causal attention, which the layer spec applies itself (SDPA: is_causal);
+    # one new position sees the whole cache. Only single-token steps ever follow the prefill.
+    mask = None
     if context is not None:
         context.sequence_len_offset = begin
         if begin > 0:

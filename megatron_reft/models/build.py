@@ -1,7 +1,9 @@
 """Build a megatron-core GPTModel (plus ReFT's value head) for this rank's pipeline stage.
 
 The layer spec is chosen like megatron-core intends: Transformer Engine's when it imports,
-the local (pure PyTorch) spec otherwise — model code is the same either way.
+the local (pure PyTorch) spec otherwise — model code is the same either way. In the local spec
+the core attention is `attention="sdpa"` (default: torch's fused kernel, no mask tensor,
+models/sdpa_attention.py) or `"megatron"` (megatron's own `baddbmm` + masked softmax).
 """
 from __future__ import annotations
 
@@ -24,14 +26,24 @@ def te_available() -> bool:
     return True
 
 
-def layer_spec(model: ModelConfig, use_te: bool | None = None):
+ATTENTION_BACKENDS = ("sdpa", "megatron")
+
+
+def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = "sdpa"):
     from megatron.core.models.gpt import gpt_layer_specs
 
     use_te = te_available() if use_te is None else use_te
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {attention!r} is not one of {ATTENTION_BACKENDS}")
     norm = "RMSNorm" if model.family == "llama" else "LayerNorm"
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
+    if attention == "sdpa":  # swap only the core-attention submodule (ModuleSpec, model unchanged)
+        from megatron_reft.models.sdpa_attention import SDPADotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def _gpt_model_class():
@@ -73,7 +85,7 @@ def _gpt_model_class():
 
 
 def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_te: bool | None = None,
-                with_value_head: bool = False, recompute: bool = False):
+                with_value_head: bool = False, recompute: bool = False, attention: str = "sdpa"):
     """The model chunk for this rank (TP/PP from megatron's parallel state)."""
     from megatron.core import parallel_state as ps
 
@@ -84,7 +96,7 @@ def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_t
     cls = _gpt_model_class()
     gpt = cls(
         config=config,
-        transformer_layer_spec=layer_spec(model, use_te),
+        transformer_layer_spec=layer_spec(model, use_te, attention),
         vocab_size=model.padded_vocab_size(tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

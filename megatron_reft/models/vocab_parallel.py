@@ -5,7 +5,8 @@ vocabulary: softmax statistics are all-reduced over the TP group. Padding rows (
 padded for TP divisibility) are pushed to a huge negative logit so they never reach a softmax.
 Logits are computed from hidden states a chunk of positions at a time, and under autograd each
 chunk is recomputed in backward (activation checkpointing), so the whole batch's fp32 logits
-never exist at once (peers' most common out-of-memory cause).
+never exist at once (peers' most common out-of-memory cause). Without autograd (log-prob
+passes) one in-place pass over each chunk gives log-probs and, when asked, entropy.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def _vocab_range(local_vocab: int):
 
 
 def mask_padding(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
-    """Padding columns of this rank's slice → a huge negative logit."""
+    """Padding columns of this rank's slice → a huge negative logit (in place on those columns
+    only: the padded columns are the tail of the slice)."""
     start, end = _vocab_range(logits.shape[-1])
     if end <= true_vocab:
         return logits
-    column = torch.arange(start, end, device=logits.device)
-    return logits.masked_fill(column >= true_vocab, _PAD_LOGIT)
+    logits[..., max(true_vocab - start, 0):] = _PAD_LOGIT
+    return logits
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -59,11 +61,40 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sum_exp.log() - sum_exp_z / sum_exp
 
 
+@torch.no_grad()
+def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = True):
+    """(log p(label), H or None) from vocab-parallel fp32 logits [s, b, V/TP] and labels [s, b]
+    in one pass over the vocabulary, for passes without autograd: the softmax statistics are
+    computed once and shared (not a cross-entropy pass plus an entropy pass), and nothing is
+    kept for a backward (megatron's kernel normalises the whole softmax for its backward)."""
+    group = _tp_group()
+    local_max = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits.sub_(local_max)  # in place: the logits are this function's to consume
+    start, end = _vocab_range(logits.shape[-1])
+    on_this_rank = (labels >= start) & (labels < end)
+    local_index = (labels - start).clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
+    label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
+    if with_entropy:
+        exp = shifted.exp()
+        parts = [exp.sum(-1), label_logit, torch.linalg.vecdot(exp, shifted)]  # Σ e^z·z, no product tensor
+    else:
+        parts = [shifted.exp_().sum(-1), label_logit]
+    sums = torch.stack(parts)
+    dist.all_reduce(sums, group=group)
+    log_sum_exp = sums[0].log()
+    entropy = log_sum_exp - sums[2] / sums[0] if with_entropy else None
+    return sums[1] - log_sum_exp, entropy
+
+
 def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature, with_entropy=True):
     logits, _ = output_layer(hidden, weight=weight)  # [s_chunk, b, V/TP]
     logits = mask_padding(logits.float(), true_vocab)
     if temperature != 1.0:
         logits = logits / temperature
+    if not torch.is_grad_enabled():  # log-prob passes: one vocabulary pass, nothing kept
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, labels.t(), with_entropy)
+        return logprobs.t(), (entropy.t() if with_entropy else None)
     # Entropy first: megatron's cross-entropy kernel shifts its fp32 input in place.
     entropy = vocab_parallel_entropy(logits.detach()).t() if with_entropy else None
     logprobs = vocab_parallel_logprobs(logits, labels.t().contiguous())  # [s_chunk, b]

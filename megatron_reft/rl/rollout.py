@@ -44,28 +44,82 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], fi
                         [len(r) for r in responses], list(finished))
 
 
-def split_rows(batch: RolloutBatch, rows: list[int] | range) -> dict:
-    """One micro-batch (a dict the engine and the loss read) from a subset of rows."""
+def sequence_lengths(batch: RolloutBatch) -> list[int]:
+    """Positions each row really uses (prompt + response − 1); the rest of its row is padding."""
+    return [max(p + r - 1, 1) for p, r in zip(batch.prompt_lengths, batch.response_lengths)]
+
+
+def split_rows(batch: RolloutBatch, rows: list[int] | range, width: int | None = None) -> dict:
+    """One micro-batch (a dict the engine and the loss read) from a subset of rows, trimmed to
+    `width` positions. `rows` and `seq_lengths` (1-D) say where its rows belong and how long
+    they are; the engine leaves 1-D entries alone."""
     rows = list(rows)
-    mb = {"tokens": batch.tokens[rows], "labels": batch.labels[rows],
-          "action_mask": batch.action_mask[rows]}
-    mb.update({k: v[rows] for k, v in batch.tensors.items()})
+    width = batch.tokens.shape[1] if width is None else width
+    mb = {"tokens": batch.tokens[rows, :width], "labels": batch.labels[rows, :width],
+          "action_mask": batch.action_mask[rows, :width]}
+    mb.update({k: v[rows, :width] for k, v in batch.tensors.items()})
+    lengths = sequence_lengths(batch)
+    mb["rows"] = torch.tensor(rows)
+    mb["seq_lengths"] = torch.tensor([min(lengths[r], width) for r in rows])
     return mb
 
 
-def micro_batches(batch: RolloutBatch, rows: list[int], micro_batch_size: int) -> list[dict]:
-    """Equal-size micro-batches (the pipeline needs one shape per call); a short tail is padded
-    with copies of a row whose action mask is zeroed, so it adds nothing to any loss."""
-    groups = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    out = [split_rows(batch, g) for g in groups]
-    tail = groups[-1]
-    if len(tail) < micro_batch_size:
-        filler = split_rows(batch, [tail[0]] * (micro_batch_size - len(tail)))
-        filler["action_mask"] = torch.zeros_like(filler["action_mask"])
-        out[-1] = {k: torch.cat([out[-1][k], filler[k]]) for k in out[-1]}
+PIPELINE_WIDTH_MULTIPLE = 16  # with PP, widths rounded up to this: few shapes, few schedule calls
+
+
+def pipeline_width_multiple() -> int:
+    """1 without pipelining (any shape is free); PIPELINE_WIDTH_MULTIPLE with it."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    except ImportError:
+        pp = 1
+    return PIPELINE_WIDTH_MULTIPLE if pp > 1 else 1
+
+
+def micro_batches(batch: RolloutBatch, rows: list[int], micro_batch_size: int,
+                  token_budget: int | None = None, width_multiple: int | None = None) -> list[dict]:
+    """Length-sorted micro-batches, each trimmed to its own longest row (data/batching.py's plan):
+    `micro_batch_size` rows each, or as many as fit in `token_budget` positions. The engine runs
+    micro-batches of different shapes (one pipeline schedule call per shape when PP > 1);
+    `width_multiple` (default: `pipeline_width_multiple()`) rounds widths up so that fewer
+    distinct shapes arise. Losses are per-sequence or per-token sums (engine.py's convention), so
+    this changes no loss or gradient."""
+    from megatron_reft.data.batching import group_width, plan_micro_batches
+
+    if width_multiple is None:
+        width_multiple = pipeline_width_multiple()
+    rows = list(rows)
+    lengths = sequence_lengths(batch)
+    mine = [lengths[r] for r in rows]
+    cap = batch.tokens.shape[1]
+    groups = plan_micro_batches(mine, micro_batch_size, token_budget, width_multiple, cap)
+    return [split_rows(batch, [rows[i] for i in g], group_width(mine, g, width_multiple, cap))
+            for g in groups]
+
+
+def padding_stats(batch: RolloutBatch, microbatches: list[dict]) -> dict:
+    """Padding share of the positions computed: as planned, and if every row had the batch width."""
+    real = sum(int(mb["seq_lengths"].sum()) for mb in microbatches)
+    computed = sum(mb["tokens"].numel() for mb in microbatches)
+    rows = sum(mb["tokens"].shape[0] for mb in microbatches)
+    return {"padding_fraction": 1.0 - real / max(computed, 1),
+            "padding_fraction_untrimmed": 1.0 - real / max(rows * batch.tokens.shape[1], 1)}
+
+
+def assemble(per_microbatch: list[torch.Tensor], microbatches: list[dict], num_rows: int,
+             width: int) -> torch.Tensor:
+    """[num_rows, width] from per-micro-batch [b, w] tensors, each row back at its place
+    (positions past a micro-batch's width are 0)."""
+    first = per_microbatch[0]
+    out = torch.zeros((num_rows, width), dtype=first.dtype, device=first.device)
+    for values, mb in zip(per_microbatch, microbatches):
+        w = min(values.shape[1], width)
+        out[mb["rows"].to(out.device), :w] = values[:, :w]
     return out
 
 
-def gather_forward(outputs: list[dict], key: str, num_rows: int) -> torch.Tensor:
-    """Concatenate a per-micro-batch output back to [num_rows, S] (dropping filler rows)."""
-    return torch.cat([o[key] for o in outputs])[:num_rows]
+def gather_forward(outputs: list[dict], key: str, microbatches: list[dict], batch: RolloutBatch) -> torch.Tensor:
+    """One engine output (`key`) back as [B, S] in the batch's row order."""
+    return assemble([o[key] for o in outputs], microbatches, batch.size, batch.tokens.shape[1])

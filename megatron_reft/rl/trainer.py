@@ -21,7 +21,7 @@ from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_
 from megatron_reft.reliability import watchdog
 from megatron_reft.reliability.numerics import NonFiniteGuard, rollout_is_finite
 from megatron_reft.rl import ppo_math
-from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
+from megatron_reft.rl.rollout import assemble, build_rollout_batch, gather_forward, micro_batches, padding_stats
 from megatron_reft.sft.trainer import build_engine
 
 
@@ -173,26 +173,26 @@ class PPOTrainer:
         p, t = self.config.ppo, self.config.trainer
         rows = list(range(batch.size))
         with timer("logprobs"):  # overlaps with sandbox scoring running in the background
-            mbs = micro_batches(batch, rows, t.micro_batch_size)
+            mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
             old = self.policy.forward(mbs)
             old_values = self.critic.values(mbs, old)
             if p.ref_offload:
                 self.reference.onload()
-            ref = self.reference.forward(mbs)
+            ref = self.reference.forward(mbs, with_entropy=False)  # same plan; entropy unused
             if p.ref_offload:
                 self.reference.offload()
         with timer("scoring"):
             results = scores_future.result()
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
         mask = batch.action_mask
-        old_logprobs = gather_forward(old, "logprobs", batch.size)
-        values = torch.cat(old_values)[:batch.size]
-        ref_logprobs = gather_forward(ref, "logprobs", batch.size)
+        old_logprobs = gather_forward(old, "logprobs", mbs, batch)
+        values = assemble(old_values, mbs, batch.size, batch.tokens.shape[1])
+        ref_logprobs = gather_forward(ref, "logprobs", mbs, batch)
         rewards, kl = ppo_math.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, p.kl_coef)
         advantages, returns = ppo_math.gae_advantages(rewards, values, mask, p.gamma, p.lam)
         advantages = ppo_math.whiten_advantages(advantages, mask, group=ps.get_data_parallel_group())
         batch.tensors.update(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
-        entropy = gather_forward(old, "entropy", batch.size)
+        entropy = gather_forward(old, "entropy", mbs, batch)
         return {"scores": scores, "correct": torch.tensor([float(r.correct) for r in results]),
                 "kl": kl, "entropy": entropy, "values": values, "returns": returns,
                 "statuses": [r.status for r in results], "results": results}
@@ -201,7 +201,7 @@ class PPOTrainer:
         p, t = self.config.ppo, self.config.trainer
         _, dp_size = runtime.dp_rank_and_size()
         mini = (p.mini_batch_size or p.rollout_batch_size) // dp_size
-        stats, grad_norms, all_ok = [], [], True
+        stats, grad_norms, padding, all_ok = [], [], [], True
         if not rollout_is_finite(batch.tensors, batch.action_mask):  # NaN rewards/values/advantages
             return {"grad_norm": float("nan"), "update_ok": False}
         with timer("update"):
@@ -209,7 +209,8 @@ class PPOTrainer:
             for _ in range(p.ppo_epochs):  # full batch each, no reshuffle needed (§5)
                 for start in range(0, batch.size, mini):
                     rows = list(range(start, min(start + mini, batch.size)))
-                    mbs = micro_batches(batch, rows, t.micro_batch_size)
+                    mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
+                    padding.append(padding_stats(batch, mbs))
                     result = self.policy.train_step(mbs, ppo_loss_fn(self.config, self.critic.shared))
                     self.critic.update(mbs)
                     stats += result["stats"]
@@ -218,6 +219,8 @@ class PPOTrainer:
         reduced = reduce_stats(stats)
         reduced["grad_norm"] = sum(grad_norms) / len(grad_norms)
         reduced["update_ok"] = all_ok
+        for key in padding[0]:  # this rank's update passes (ranks see alike length mixes)
+            reduced[key] = sum(pad[key] for pad in padding) / len(padding)
         return reduced
 
     def step_metrics(self, batch, adv: dict, update: dict, timer, seconds: float) -> dict:
@@ -245,6 +248,7 @@ class PPOTrainer:
                    "approx_kl": update.get("approx_kl"), "grad_norm": update["grad_norm"],
                    "lr": self.config.optim.lr, "step_time": seconds,
                    "tokens_per_s": generated / seconds if seconds else 0.0}
+        metrics.update({k: v for k, v in update.items() if k.startswith("padding_fraction")})
         metrics.update(timer.as_metrics())
         return metrics
 

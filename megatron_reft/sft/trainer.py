@@ -27,11 +27,16 @@ def sft_loss(mb: dict, out: dict):
     return nll_sum, count, {"nll_sum": nll_sum.detach(), "tokens": count.detach()}
 
 
-def microbatches(examples: list, micro_batch_size: int, pad_id: int) -> list[dict]:
-    from megatron_reft.data import collate_sft
+def microbatches(examples: list, micro_batch_size: int, pad_id: int, token_budget: int | None = None) -> list[dict]:
+    """Length-sorted micro-batches, each padded only to its own longest example (the loss is a
+    per-token sum, so grouping changes nothing but the padding); `token_budget`: see
+    data/batching.py's plan_micro_batches."""
+    from megatron_reft.data import collate_sft, plan_micro_batches
+    from megatron_reft.rl.rollout import pipeline_width_multiple
 
-    return [collate_sft(examples[i:i + micro_batch_size], pad_id)
-            for i in range(0, len(examples), micro_batch_size)]
+    multiple = pipeline_width_multiple()
+    groups = plan_micro_batches([len(e.input_ids) - 1 for e in examples], micro_batch_size, token_budget, multiple)
+    return [collate_sft([examples[i] for i in g], pad_id, multiple) for g in groups]
 
 
 def global_mean(stats: list[dict], key: str = "nll_sum", count_key: str = "tokens") -> float:
@@ -75,7 +80,7 @@ def build_engine(config, model_cfg, optim: bool = True, value_head: bool = False
     use_te = {"auto": None, "true": True, "false": False}[config.model.use_te.lower()]
     return Engine(model_cfg, dtype=resolve_dtype(config.model.dtype), use_te=use_te,
                   optim=settings if optim else None, recompute=config.model.recompute,
-                  with_value_head=value_head,
+                  with_value_head=value_head, attention=config.model.attention,
                   logprob_chunk_tokens=config.ppo.logprob_chunk_tokens)
 
 
@@ -137,7 +142,7 @@ def run(config) -> dict:
         timer, t0 = runtime.Timer(), time.perf_counter()
         with timer("data"):
             batch = [examples[i] for i in sampler.next_batch()]
-            mbs = microbatches(batch, t.micro_batch_size, pad_id)
+            mbs = microbatches(batch, t.micro_batch_size, pad_id, t.micro_batch_tokens)
         lr = runtime.learning_rate(step, schedule_steps, config.optim.lr, config.optim.schedule,
                                    config.optim.warmup_fraction, config.optim.min_lr)
         engine.set_lr(lr)

@@ -1,0 +1,82 @@
+"""Core attention for megatron-core's local (non-Transformer-Engine) layer spec, on
+`torch.nn.functional.scaled_dot_product_attention`.
+
+megatron's own `DotProductAttention` materialises [b·heads, s, s] scores with `baddbmm`, applies
+a boolean mask tensor through a separate softmax module and repeats K/V for grouped-query
+attention. This subclass keeps its constructor (so every config field, the TP head split and
+`softmax_scale` incl. query-key layer scaling are megatron's) and replaces only `forward`:
+
+- causal self-attention (training, log-prob passes, the prefill of generation) runs with
+  `is_causal=True` and no mask tensor;
+- one query against a KV cache (decoding) runs with no mask, as megatron's softmax does;
+- an explicit boolean mask (True = not allowed, megatron's convention) is honoured when a caller
+  passes one (e.g. padding masks), so it is a drop-in replacement;
+- GQA goes to the kernel with `enable_gqa=True` (torch ≥ 2.5) instead of repeated K/V.
+
+Configurations this kernel cannot reproduce exactly (attention dropout while training, a
+sliding window, off-by-one/learnable softmax) fall back to megatron's forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+try:  # enable_gqa arrived in torch 2.5; a builtin's signature is not introspectable: probe once
+    F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2),
+                                   torch.zeros(1, 1, 1, 2), enable_gqa=True)
+    _SDPA_HAS_GQA = True
+except (TypeError, RuntimeError):
+    _SDPA_HAS_GQA = False
+
+
+class SDPADotProductAttention(DotProductAttention):
+    """Drop-in `core_attention` module: same inputs ([s, b, heads, dim]) and output ([sq, b, hp])."""
+
+    def _falls_back(self) -> bool:
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return (dropout > 0.0 or self.softmax_offset is not None
+                or self.scale_mask_softmax.window_size is not None)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if self._falls_back() or attention_bias is not None or packed_seq_params is not None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        sq, batch = query.shape[0], query.shape[1]
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        kwargs = {}
+        if groups > 1:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:  # older torch: repeat K/V like megatron does
+                key = key.repeat_interleave(groups, dim=2)
+                value = value.repeat_interleave(groups, dim=2)
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        allowed, causal = self._mask(attention_mask, mask_type, sq, k.shape[2], q.device)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
+                                                 scale=self._scale(), **kwargs)
+        # [b, n, sq, d] -> [sq, b, n·d]
+        return context.permute(2, 0, 1, 3).reshape(sq, batch, self.hidden_size_per_partition)
+
+    def _scale(self) -> float:
+        """megatron's net scale: with query-key layer scaling it divides `softmax_scale` by the
+        layer number and its softmax multiplies the scores back by it."""
+        coeff = self.scale_mask_softmax.scale
+        return self.softmax_scale * coeff if coeff is not None else self.softmax_scale
+
+    @staticmethod
+    def _mask(attention_mask, mask_type, sq: int, sk: int, device):
+        """(boolean 'allowed' mask or None, is_causal) for the kernel."""
+        if attention_mask is not None:
+            return ~attention_mask.to(torch.bool), False
+        if mask_type != AttnMaskType.causal or sq == 1:
+            return None, False  # no mask, or one new token that may see the whole cache
+        if sq == sk:
+            return None, True
+        # Several new tokens after a cached prefix: causal aligned to the end (bottom-right).
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+        return allowed, False
