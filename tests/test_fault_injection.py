@@ -213,6 +213,7 @@ def test_hang_in_a_rank_exits_within_timeout_naming_rank_and_phase(tmp_path):
         assert job.returncode != 0
         hang = [line for line in err.splitlines() if line.startswith("hang:")]
         assert hang and hang[0].startswith("hang: rank 1 made no progress for") and "phase 'update'" in hang[0], err[-3000:]
+        assert "waiting for other ranks" not in hang[0]  # rank 0, blocked in the pipeline send/receive, waits
         assert not wait_for_no_processes(tag, 30)
     finally:
         kill_all(tag)

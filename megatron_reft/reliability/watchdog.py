@@ -5,8 +5,11 @@ ranks. The process-group timeout (parallel.timeout_minutes) bounds a collective 
 dead peer; this bounds everything else (a stuck sandbox, a stuck filesystem, a deadlock).
 
 Phases are entered through `phase(name)` (runtime.Timer uses it, so every timed phase is
-watched). The first rank to exceed the timeout is the one that stopped making progress: the
-others are still progressing or waiting in a later collective that started later.
+watched). A rank blocked in a collective (torch.distributed, megatron's pipeline send/receive)
+past the timeout is most likely waiting for the stuck rank, so it waits one more timeout: the
+rank that stopped making progress outside any collective fires first and names itself; if every
+rank is in a collective (a lost peer the backend does not time out) they fire at twice the
+timeout, saying what they wait in.
 
 Test hook: MEGATRON_REFT_TEST_HANG=<rank>:<phase> makes that rank block forever when it first
 enters that phase.
@@ -54,16 +57,39 @@ class Watchdog:
         while True:
             time.sleep(poll)
             stuck_for = time.monotonic() - self.since
-            if stuck_for > self.timeout_s and self.phase != STARTUP:
-                self._fire(stuck_for)
+            if stuck_for <= self.timeout_s or self.phase == STARTUP:
+                continue
+            waiting_in = _collective_in_progress()
+            # A rank blocked in a collective is most likely waiting for the stuck one: it waits
+            # one more timeout so that the stuck rank (which is not in a collective) fires first
+            # and names itself.
+            if waiting_in is None or stuck_for > 2 * self.timeout_s:
+                self._fire(stuck_for, waiting_in)
 
-    def _fire(self, stuck_for: float) -> None:
+    def _fire(self, stuck_for: float, waiting_in: str | None) -> None:
+        waiting = f", waiting for other ranks in {waiting_in}" if waiting_in else ""
         print(f"hang: rank {self.rank} made no progress for {stuck_for:.0f} s in phase "
-              f"'{self.phase}' (trainer.hang_timeout_s={self.timeout_s:g}); exiting",
+              f"'{self.phase}'{waiting} (trainer.hang_timeout_s={self.timeout_s:g}); exiting",
               file=sys.stderr, flush=True)
         if os.environ.get("MEGATRON_REFT_DEBUG") == "1":
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(EXIT_FAULT)
+
+
+_COLLECTIVE_FILES = ("/torch/distributed/", "/megatron/core/pipeline_parallel/p2p_communication")
+
+
+def _collective_in_progress() -> str | None:
+    """The collective / point-to-point call the main thread is blocked in, if any (read from
+    its innermost Python frames)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    for _ in range(6):
+        if frame is None:
+            return None
+        if any(part in frame.f_code.co_filename for part in _COLLECTIVE_FILES):
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return None
 
 
 _current: Watchdog | None = None
