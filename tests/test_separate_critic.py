@@ -1,0 +1,127 @@
+"""A separate critic on its own ranks (issue 12) computes and learns exactly what the same critic
+does in one process.
+
+4 processes: actor TP=2 on ranks 0-1, critic TP=1 × PP=2 on ranks 2-3, one world (gloo), each
+role with its own megatron parallel groups. The same PPO step is run once in a single process
+holding both models; values before the step, the actor's and the critic's weights after it
+(probed through log-probs and values of the batch) and the statistics must agree.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+SPLIT = dict(critic_world_size=2, actor_tp=2, actor_pp=1, critic_tp=1, critic_pp=2)
+OVERRIDES = ["critic.mode=separate", "critic.world_size=2", "critic.pipeline_model_parallel_size=2",
+             "critic.lr=0.01", "optim.lr=0.01", "trainer.micro_batch_size=2"]
+
+
+def _rollout(model_cfg):
+    from megatron_reft.rl.rollout import build_rollout_batch
+
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, model_cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 5, 4, 3)]
+    responses = [torch.randint(3, model_cfg.vocab_size, (n,), generator=g).tolist() for n in (6, 2, 4, 5)]
+    return build_rollout_batch(prompts, responses, [True, False, True, True], pad_id=0)
+
+
+def _ppo_step(config, model_cfg, critic) -> dict:
+    """One PPO step as the trainer does it: values (overlapping the actor's forward), GAE, one
+    update of both models, then probes of the new weights."""
+    from megatron_reft.engines import build_engine
+    from megatron_reft.rl import ppo_math
+    from megatron_reft.rl.rollout import micro_batches
+    from megatron_reft.rl.trainer import ppo_loss_fn, reduce_stats
+
+    policy = build_engine(config, model_cfg, optim=True)
+    policy.init_from_scratch(5)
+    batch = _rollout(model_cfg)
+    rows = list(range(batch.size))
+    mbs = micro_batches(batch, rows, 2)
+    pending = critic.request_values(mbs)
+    old = policy.forward(mbs)
+    values = torch.cat(pending.result(old))
+    old_logprobs = torch.cat([o["logprobs"] for o in old])
+    ref_logprobs = old_logprobs + 0.05 * torch.randn(old_logprobs.shape, generator=torch.Generator().manual_seed(12))
+    rewards, _ = ppo_math.kl_penalized_rewards(torch.tensor([1.0, 0.1, 0.0, 1.0]), old_logprobs, ref_logprobs,
+                                               batch.action_mask, 0.05)
+    advantages, returns = ppo_math.gae_advantages(rewards, values, batch.action_mask)
+    advantages = ppo_math.whiten_advantages(advantages, batch.action_mask)
+    batch.tensors.update(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
+    train_mbs = micro_batches(batch, rows, 2)
+    critic.update(train_mbs)
+    policy.module.train()
+    result = policy.train_step(train_mbs, ppo_loss_fn(config, with_value=False))
+    stats = {**reduce_stats(result["stats"]), **critic.update_stats()}
+    probe = micro_batches(batch, rows, 2)
+    mask = batch.action_mask
+    return {"values_before": values * mask, "stats": stats,
+            "logprobs_after": torch.cat([o["logprobs"] for o in policy.forward(probe)]) * mask,
+            "values_after": torch.cat(critic.values(probe)) * mask}
+
+
+def _split_worker(rank, world):
+    torch.set_num_threads(1)
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed import roles
+    from megatron_reft.distributed.init import shutdown
+    from megatron_reft.engines import build_critic
+    from megatron_reft.models.families import model_config_from_preset
+
+    role = roles.start_split_world(SPLIT, seed=3)
+    config = load_config(None, OVERRIDES + ["trainer.seed=5"])
+    model_cfg = model_config_from_preset("tiny-llama", vocab_size=200)
+    critic = build_critic(config, model_cfg)
+    out = None
+    if role.name == "actor":
+        out = _ppo_step(config, model_cfg, critic)
+        critic.close()
+    else:
+        critic.serve()
+    roles.clear_role()
+    shutdown()
+    return out
+
+
+def _single_worker(rank, world):
+    torch.set_num_threads(1)
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engines import build_critic
+    from megatron_reft.models.families import model_config_from_preset
+
+    initialize(1, 1, seed=3)
+    config = load_config(None, OVERRIDES + ["trainer.seed=5"])
+    model_cfg = model_config_from_preset("tiny-llama", vocab_size=200)
+    out = _ppo_step(config, model_cfg, build_critic(config, model_cfg))  # a LocalCritic
+    shutdown()
+    return out
+
+
+def test_split_world_critic_matches_one_process():
+    single = run_distributed(_single_worker, 1, init_process_group=False, timeout_s=400)[0]
+    results = run_distributed(_split_worker, 4, init_process_group=False, timeout_s=600)
+    assert results[2] is None and results[3] is None  # critic ranks only serve
+    for got in results[:2]:  # both actor ranks hold the same answers
+        for key in ("values_before", "logprobs_after", "values_after"):
+            torch.testing.assert_close(got[key], single[key], atol=2e-5, rtol=1e-5, msg=key)
+        assert set(got["stats"]) >= {"policy_loss", "value_loss", "critic_overlap", "critic_update_time"}
+        for key in ("policy_loss", "value_loss", "value_clip_fraction", "clip_fraction"):
+            assert got["stats"][key] == pytest.approx(single["stats"][key], rel=1e-5, abs=1e-6), key
+    # the step moved both models (a parity of two no-ops would prove nothing)
+    assert not torch.allclose(single["values_after"], single["values_before"], atol=1e-4)
+    assert single["stats"]["value_loss"] > 0
+
+
+def test_plan_split_refuses_impossible_splits():
+    from megatron_reft.distributed.roles import plan_split
+
+    split = plan_split(6, critic_world_size=2, actor_tp=2, actor_pp=2, critic_tp=1, critic_pp=2)
+    assert split.actor.ranks == [0, 1, 2, 3] and split.critic.ranks == [4, 5]
+    assert split.role_of(4).name == "critic" and split.critic.data_parallel == 1
+    with pytest.raises(ValueError, match="critic ranks"):
+        plan_split(4, critic_world_size=1, actor_tp=1, actor_pp=1, critic_tp=2, critic_pp=1)
+    with pytest.raises(ValueError, match="at least one actor rank"):
+        plan_split(2, critic_world_size=2, actor_tp=1, actor_pp=1, critic_tp=1, critic_pp=1)
