@@ -38,7 +38,7 @@ def _gather_rows(local: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every DP rank's rows (equal row counts; widths padded to the widest)."""
     width = torch.tensor([local.shape[-1]])
     dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
-    local = _pad_width(local.transpose(0, 1), int(width)).transpose(0, 1).contiguous()  # [k, n, w]
+    local = torch.nn.functional.pad(local, (0, int(width) - local.shape[-1])).contiguous()  # [k, n, w]
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
     return torch.cat(parts, dim=1)

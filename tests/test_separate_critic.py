@@ -125,3 +125,73 @@ def test_plan_split_refuses_impossible_splits():
         plan_split(4, critic_world_size=1, actor_tp=1, actor_pp=1, critic_tp=2, critic_pp=1)
     with pytest.raises(ValueError, match="at least one actor rank"):
         plan_split(2, critic_world_size=2, actor_tp=1, actor_pp=1, critic_tp=1, critic_pp=1)
+
+
+def _ppo_run(out_dir: str, max_steps: int, mode: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed.init import shutdown
+    from megatron_reft.rl.trainer import PPOTrainer
+
+    torch.set_num_threads(1)
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(str(repo / "configs" / "tiny_cpu.yaml"), [
+        f"trainer.output_dir={out_dir}", f"trainer.max_steps={max_steps}", "trainer.save_interval=1",
+        "trainer.eval_interval=1000", "trainer.progress_bar=false", "trainer.tensorboard=false",
+        "data.synthetic_train_items=64", "data.synthetic_eval_items=4", "ppo.rollout_batch_size=4",
+        "trainer.micro_batch_size=2", "data.max_total_length=48", "optim.lr=1e-3",
+        f"critic.mode={mode}", "critic.lr=3e-3"])
+    PPOTrainer(config).train()
+    shutdown()
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _separate_resume_worker(rank, world, straight_dir, resumed_dir):
+    straight = _ppo_run(straight_dir, 2, "separate")
+    _ppo_run(resumed_dir, 1, "separate")
+    return straight, _ppo_run(resumed_dir, 2, "separate")
+
+
+def test_ppo_with_separate_critic_on_actor_ranks_resumes_exactly(tmp_path):
+    """critic.mode=separate through the ppo job (critic on the actor's ranks): the critic's model
+    and optimizer are saved with the policy's step and a resumed run equals a straight one."""
+    straight, resumed = run_distributed(_separate_resume_worker, 1, str(tmp_path / "a"), str(tmp_path / "b"),
+                                        init_process_group=False, timeout_s=600)[0]
+    assert [m["step"] for m in resumed] == [1, 2]
+    timing = {"step_time", "tokens_per_s", "eval_accuracy", "critic_wait", "critic_overlap"}
+    for a, b in zip(straight, resumed):
+        assert a["value_loss"] > 0 and "critic_update_time" in a
+        a = {k: v for k, v in a.items() if k not in timing and "time" not in k}
+        b = {k: v for k, v in b.items() if k not in timing and "time" not in k}
+        assert a == b
+    assert (tmp_path / "b" / "checkpoints" / "step_2" / "critic" / "weights").is_dir()
+
+
+def test_critic_config_errors_name_the_key():
+    from megatron_reft.config import ConfigError, load_config, validate
+    from megatron_reft.models.families import model_config_from_preset
+
+    model = model_config_from_preset("tiny-llama", vocab_size=200)
+
+    def errors(*overrides, job="ppo", world=4):
+        config = load_config(None, ["data.train_file=synthetic", "model.preset=tiny-llama", *overrides])
+        try:
+            validate(config, model, job=job, world_size=world)
+        except ConfigError as err:
+            return str(err)
+        return ""
+
+    assert errors() == "" and errors("critic.mode=separate") == ""
+    assert errors("critic.mode=both").startswith("critic.mode: 'both' is not one of shared, separate")
+    assert "critic.tensor_model_parallel_size: a critic on the actor's ranks" in errors(
+        "critic.mode=separate", "critic.tensor_model_parallel_size=2")
+    assert "critic.pipeline_model_parallel_size: 3 does not divide model.num_layers=2" in errors(
+        "critic.mode=separate", "critic.world_size=3", "critic.pipeline_model_parallel_size=3", job="eval")
+    assert "critic.world_size: 4 leaves no actor rank" in errors("critic.mode=separate", "critic.world_size=4", job="eval")
+    assert "critic.world_size: critic ranks of their own are not yet runnable" in errors(
+        "critic.mode=separate", "critic.world_size=2")
+    # the actor's batch rules see the actor's ranks only: 3 actor ranks do not divide 32 prompts
+    assert "ppo.rollout_batch_size: 32 is not divisible by DP=3" in errors(
+        "critic.mode=separate", "critic.world_size=1", world=4)

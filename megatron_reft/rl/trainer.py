@@ -38,6 +38,7 @@ def ppo_loss_fn(config, with_value: bool = True):
         else:
             loss, stats = ppo_math.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"],
                                                mask, clip_eps=p.clip_eps, num_sequences=1)
+            stats = {"policy_loss": loss.detach(), **stats}  # the value loss: the critic's statistics
         num_sequences = ppo_math.count_sequences(mask)
         # Report losses per sequence (the optimised loss is their sum; see above).
         stats = {k: (v / num_sequences.clamp(min=1) if k in ("policy_loss", "value_loss") else v)
