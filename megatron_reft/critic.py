@@ -1,7 +1,8 @@
 """The critic interface (DESIGN.md "Actor and critic"): `values(microbatches, policy_outputs)`
 (or `request_values(microbatches)` ... `.result(policy_outputs)`, which lets a separate critic
-compute while the actor runs its own forward) and `update(microbatches)` (+ `update_stats()`). The trainer talks only to this, so a separate critic server (its own
-model, layout and ranks) can replace the shared trunk without touching the trainer.
+compute while the actor runs its own forward), `update(microbatches)` and `update_stats()`.
+The trainer talks only to this, so a separate critic (its own model, layout and ranks: `LocalCritic`
+below, `critic_server.py`) can replace the shared trunk without touching the trainer.
 
 Shared trunk (reft.md §4, the paper's default): a linear value head on the policy's last hidden
 state. Its values come for free with the policy's forward, and its loss rides in the policy's

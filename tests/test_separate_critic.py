@@ -13,9 +13,10 @@ import torch
 
 from dist_utils import run_distributed
 
-SPLIT = dict(critic_world_size=2, actor_tp=2, actor_pp=1, critic_tp=1, critic_pp=2)
-OVERRIDES = ["critic.mode=separate", "critic.world_size=2", "critic.pipeline_model_parallel_size=2",
-             "critic.lr=0.01", "optim.lr=0.01", "trainer.micro_batch_size=2"]
+# (actor TP, critic PP): model parallelism on both sides; (1, 1): DP=2 on both sides (the rows
+# are gathered from the actor's DP ranks and spread over the critic's).
+SPLITS = {"actorTP2-criticPP2": (2, 2), "actorDP2-criticDP2": (1, 1)}
+OVERRIDES = ["critic.mode=separate", "critic.lr=0.01", "optim.lr=0.01", "trainer.micro_batch_size=2"]
 
 
 def _rollout(model_cfg):
@@ -34,6 +35,7 @@ def _ppo_step(config, model_cfg, critic) -> dict:
     from megatron_reft.rl import ppo_math
     from megatron_reft.rl.rollout import micro_batches
     from megatron_reft.rl.trainer import ppo_loss_fn, reduce_stats
+    from megatron.core import parallel_state as ps
 
     policy = build_engine(config, model_cfg, optim=True)
     policy.init_from_scratch(5)
@@ -44,13 +46,16 @@ def _ppo_step(config, model_cfg, critic) -> dict:
     old = policy.forward(mbs)
     values = torch.cat(pending.result(old))
     old_logprobs = torch.cat([o["logprobs"] for o in old])
-    ref_logprobs = old_logprobs + 0.05 * torch.randn(old_logprobs.shape, generator=torch.Generator().manual_seed(12))
+    noise = torch.randn(old_logprobs.shape, generator=torch.Generator().manual_seed(12))
+    ref_logprobs = old_logprobs + 0.05 * noise
     rewards, _ = ppo_math.kl_penalized_rewards(torch.tensor([1.0, 0.1, 0.0, 1.0]), old_logprobs, ref_logprobs,
                                                batch.action_mask, 0.05)
     advantages, returns = ppo_math.gae_advantages(rewards, values, batch.action_mask)
     advantages = ppo_math.whiten_advantages(advantages, batch.action_mask)
     batch.tensors.update(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
-    train_mbs = micro_batches(batch, rows, 2)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = rows[dp_rank * batch.size // dp:(dp_rank + 1) * batch.size // dp]  # this DP rank's share
+    train_mbs = micro_batches(batch, mine, 2)
     critic.update(train_mbs)
     policy.module.train()
     result = policy.train_step(train_mbs, ppo_loss_fn(config, with_value=False))
@@ -62,7 +67,7 @@ def _ppo_step(config, model_cfg, critic) -> dict:
             "values_after": torch.cat(critic.values(probe)) * mask}
 
 
-def _split_worker(rank, world):
+def _split_worker(rank, world, actor_tp, critic_pp):
     torch.set_num_threads(1)
     from megatron_reft.config import load_config
     from megatron_reft.distributed import roles
@@ -70,8 +75,10 @@ def _split_worker(rank, world):
     from megatron_reft.engines import build_critic
     from megatron_reft.models.families import model_config_from_preset
 
-    role = roles.start_split_world(SPLIT, seed=3)
-    config = load_config(None, OVERRIDES + ["trainer.seed=5"])
+    role = roles.start_split_world(dict(critic_world_size=2, actor_tp=actor_tp, actor_pp=1, critic_tp=1,
+                                        critic_pp=critic_pp), seed=3)
+    config = load_config(None, OVERRIDES + ["trainer.seed=5", "critic.world_size=2",
+                                            f"critic.pipeline_model_parallel_size={critic_pp}"])
     model_cfg = model_config_from_preset("tiny-llama", vocab_size=200)
     critic = build_critic(config, model_cfg)
     out = None
@@ -100,14 +107,21 @@ def _single_worker(rank, world):
     return out
 
 
-def test_split_world_critic_matches_one_process():
-    single = run_distributed(_single_worker, 1, init_process_group=False, timeout_s=400)[0]
-    results = run_distributed(_split_worker, 4, init_process_group=False, timeout_s=600)
+@pytest.fixture(scope="module")
+def single_process_step():
+    return run_distributed(_single_worker, 1, init_process_group=False, timeout_s=400)[0]
+
+
+@pytest.mark.parametrize("layout", list(SPLITS))
+def test_split_world_critic_matches_one_process(single_process_step, layout):
+    single = single_process_step
+    results = run_distributed(_split_worker, 4, *SPLITS[layout], init_process_group=False, timeout_s=600)
     assert results[2] is None and results[3] is None  # critic ranks only serve
     for got in results[:2]:  # both actor ranks hold the same answers
         for key in ("values_before", "logprobs_after", "values_after"):
             torch.testing.assert_close(got[key], single[key], atol=2e-5, rtol=1e-5, msg=key)
         assert set(got["stats"]) >= {"policy_loss", "value_loss", "critic_overlap", "critic_update_time"}
+        assert 0.0 <= got["stats"]["critic_overlap"] <= 1.0 and got["stats"]["critic_wait"] >= 0.0
         for key in ("policy_loss", "value_loss", "value_clip_fraction", "clip_fraction"):
             assert got["stats"][key] == pytest.approx(single["stats"][key], rel=1e-5, abs=1e-6), key
     # the step moved both models (a parity of two no-ops would prove nothing)
