@@ -180,7 +180,46 @@ def test_ppo_with_separate_critic_on_actor_ranks_resumes_exactly(tmp_path):
         a = {k: v for k, v in a.items() if k not in timing and "time" not in k}
         b = {k: v for k, v in b.items() if k not in timing and "time" not in k}
         assert a == b
-    assert (tmp_path / "b" / "checkpoints" / "step_2" / "critic" / "weights").is_dir()
+    critic_ckpt = tmp_path / "b" / "checkpoints" / "step_2"
+    assert (critic_ckpt / "critic" / "weights").is_dir()
+    _check_critic_export(critic_ckpt, tmp_path / "hf_critic")
+
+
+def _critic_values_worker(rank, world, ckpt):
+    from megatron_reft.checkpoint.io import load_checkpoint, read_model_yaml
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engine import Engine
+
+    torch.set_num_threads(1)
+    initialize(1, 1, seed=0)
+    engine = Engine(read_model_yaml(ckpt), with_value_head=True)
+    load_checkpoint(ckpt, engine.module)
+    tokens = torch.tensor([[5, 9, 17, 3, 40, 41, 7], [8, 8, 30, 2, 11, 12, 13]])
+    values = engine.forward([{"tokens": tokens, "labels": tokens}])[0]["values"]
+    shutdown()
+    return tokens, values
+
+
+def _check_critic_export(step_dir, out):
+    """`convert megatron-to-hf --critic`: the trunk loads as a transformers model and, with the
+    exported value_head.safetensors on its last hidden state, reproduces our values."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from megatron_reft.checkpoint.cli import main as convert_main
+
+    no_critic = ["megatron-to-hf", "--ckpt", str(step_dir / "critic"), "--out", str(out), "--critic"]
+    assert convert_main(no_critic) == 2  # a checkpoint without a separate critic: one line, exit 2
+    assert not out.exists()
+    assert convert_main(["megatron-to-hf", "--ckpt", str(step_dir), "--out", str(out), "--critic"]) == 0
+    tokens, ours = run_distributed(_critic_values_worker, 1, str(step_dir / "critic"),
+                                   init_process_group=False, timeout_s=300)[0]
+    head = load_file(str(out / "value_head.safetensors"))
+    trunk = AutoModel.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = trunk(input_ids=tokens).last_hidden_state
+    theirs = hidden @ head["weight"].float().t() + head["bias"].float()
+    torch.testing.assert_close(theirs.squeeze(-1), ours, atol=1e-4, rtol=1e-4)
 
 
 def test_critic_config_errors_name_the_key():

@@ -274,7 +274,8 @@ class PPOTrainer:
                         carry_from=self.config.model.load)
         if getattr(self.critic, "engine", None) is not None:  # a separate critic, same step
             save_checkpoint(ckpt_dir / name / "critic", self.critic.engine.module, self.model_cfg,
-                            optimizer=self.critic.engine.optimizer, update_latest=False)
+                            optimizer=self.critic.engine.optimizer, tokenizer=self.data.tokenizer,
+                            update_latest=False, carry_from=self.config.critic.load or self.config.model.load)
         prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
 
     def train(self) -> dict:
