@@ -25,6 +25,28 @@ from megatron_reft.critic import STAT_KEYS, LocalCritic
 from megatron_reft.distributed.roles import SplitWorld, role_group
 
 VALUES, UPDATE, STATS, STOP = 1, 2, 3, 4
+
+
+class PeerLost(RuntimeError):
+    """The other role's lead rank died or stopped answering (message names it)."""
+
+
+def _recv_from(buffer: torch.Tensor, src: int, peer: str) -> None:
+    """recv that names the lost peer: a dead rank closes its sockets (gloo fails at once), a hung
+    one runs into parallel.timeout_minutes."""
+    try:
+        dist.recv(buffer, src=src)
+    except RuntimeError as err:
+        raise PeerLost(f"{peer} lead rank {src} is gone or did not answer ({err}); "
+                       "ending this rank") from err
+
+
+def _isend_to(tensor: torch.Tensor, dst: int):
+    try:
+        return dist.isend(tensor, dst)
+    except RuntimeError as err:
+        raise PeerLost(f"critic lead rank {dst} is gone or did not answer ({err}); "
+                       "ending this rank") from err
 TIMER_KEYS = ("critic_values_time", "critic_update_time")
 
 
@@ -69,12 +91,12 @@ class RemoteCritic:
         if self.is_lead:
             header = torch.tensor([command, ints.shape[1], ints.shape[2], floats.shape[0]])
             for t in (header, ints, floats):  # kept alive until sent (see close())
-                self._sends.append((dist.isend(t, self.critic_lead), t))
+                self._sends.append((_isend_to(t, self.critic_lead), t))
 
     def _command(self, command: int) -> None:
         if self.is_lead:
             header = torch.tensor([command, 0, 0, 0])
-            self._sends.append((dist.isend(header, self.critic_lead), header))
+            self._sends.append((_isend_to(header, self.critic_lead), header))
 
     def request_values(self, microbatches: list[dict]):
         """Send the batch; the critic's value pass runs while the actor goes on."""
@@ -106,7 +128,7 @@ class RemoteCritic:
         """Lead receives from the critic lead, then shares with every actor rank."""
         t0 = time.perf_counter()
         if self.is_lead:
-            dist.recv(buffer, src=self.critic_lead)
+            _recv_from(buffer, self.critic_lead, "critic")
         dist.broadcast(buffer, src=self.split.actor.first_rank, group=role_group())
         self.wait_seconds += time.perf_counter() - t0
 
@@ -151,7 +173,7 @@ class CriticServer:
 
     def _from_actor(self, buffer: torch.Tensor) -> torch.Tensor:
         if self.is_lead:
-            dist.recv(buffer, src=self.actor_lead)
+            _recv_from(buffer, self.actor_lead, "actor")
         dist.broadcast(buffer, src=self.split.critic.first_rank, group=role_group())
         return buffer
 

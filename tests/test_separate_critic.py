@@ -129,6 +129,40 @@ def test_split_world_critic_matches_one_process(single_process_step, layout):
     assert single["stats"]["value_loss"] > 0
 
 
+def _dead_critic_worker(rank, world):
+    import time
+
+    from megatron_reft.critic_server import PeerLost
+    from megatron_reft.distributed import roles
+    from megatron_reft.engines import build_critic
+
+    torch.set_num_threads(1)
+    role = roles.start_split_world(dict(critic_world_size=1, actor_tp=1, actor_pp=1, critic_tp=1,
+                                        critic_pp=1), seed=0)
+    if role.name == "critic":
+        return "exited"  # this process ends without serving: a dead critic rank
+    from megatron_reft.config import load_config
+    from megatron_reft.models.families import model_config_from_preset
+
+    config = load_config(None, ["critic.mode=separate", "critic.world_size=1"])
+    critic = build_critic(config, model_config_from_preset("tiny-llama", vocab_size=200))
+    tokens = torch.ones(1, 4, dtype=torch.long)
+    started = time.monotonic()
+    try:
+        critic.values([{"tokens": tokens, "labels": tokens, "action_mask": torch.ones(1, 4)}])
+    except PeerLost as err:
+        return str(err), time.monotonic() - started
+    return "no error", 0.0
+
+
+def test_dead_critic_rank_ends_the_actor_with_its_name():
+    actor, critic = run_distributed(_dead_critic_worker, 2, init_process_group=False, timeout_s=300)
+    message, seconds = actor
+    assert critic == "exited"
+    assert message.startswith("critic lead rank 1 is gone or did not answer"), message
+    assert seconds < 60
+
+
 def test_plan_split_refuses_impossible_splits():
     from megatron_reft.distributed.roles import plan_split
 
