@@ -39,7 +39,8 @@ def build_critic_engine(config, model_cfg) -> Engine:
     """A separate critic's trunk + value head with its own optimizer (critic.* settings), built
     in the current megatron parallel state (the critic role's, in a split world)."""
     c = config.critic
-    settings = optim_settings(config, lr=critic_lr(config), weight_decay=c.weight_decay, clip_grad=c.clip_grad)
+    settings = optim_settings(config, lr=critic_lr(config), weight_decay=c.weight_decay,
+                              clip_grad=c.clip_grad)
     return _engine(config, model_cfg, settings, value_head=True)
 
 

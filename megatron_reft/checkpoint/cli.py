@@ -64,7 +64,8 @@ def _run(args) -> int:
         if args.critic:
             args.ckpt = str(Path(args.ckpt) / "critic")
             if not (Path(args.ckpt) / "weights").is_dir():
-                raise FileNotFoundError(f"--ckpt: no separate critic in {args.ckpt} (critic.mode=separate saves one)")
+                raise FileNotFoundError(f"--ckpt: no separate critic in {args.ckpt} "
+                                        "(critic.mode=separate saves one)")
         convert.megatron_to_hf(args.ckpt, args.out, dtype=convert.parse_dtype(args.dtype),
                                max_shard_size=args.max_shard_size, source=args.source,
                                overwrite=args.overwrite)

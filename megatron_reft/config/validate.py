@@ -159,7 +159,8 @@ def actor_world_size(config: Config, world_size: int | None) -> int | None:
 def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
              world_size: int | None = None) -> None:
     """Raise ConfigError listing every problem, one line each, naming the key."""
-    errors = _value_errors(config) + _file_errors(config, job) + _critic_errors(config, model, world_size, job)
+    errors = (_value_errors(config) + _file_errors(config, job)
+              + _critic_errors(config, model, world_size, job))
     world_size = actor_world_size(config, world_size)
     if model is not None:
         layout_errors = _layout_errors(model, config, world_size, job)
