@@ -16,10 +16,10 @@ import torch
 
 from megatron_reft import runtime
 from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
+from megatron_reft.engines import build_critic, build_engine
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
 from megatron_reft.rl import ppo_math
 from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
-from megatron_reft.engines import build_critic, build_engine
 
 
 def ppo_loss_fn(config, with_value: bool = True):
