@@ -1,6 +1,8 @@
 """The critic interface (DESIGN.md "Actor and critic"): `values(microbatches, policy_outputs)`
-and `update(microbatches)`. The trainer talks only to this, so a separate critic server (its own
-model, layout and ranks) can replace the shared trunk without touching the trainer.
+(or `request_values(microbatches)` ... `.result(policy_outputs)`, which lets a separate critic
+compute while the actor runs its own forward), `update(microbatches)` and `update_stats()`.
+The trainer talks only to this, so a separate critic (its own model, layout and ranks: `LocalCritic`
+below, `critic_server.py`) can replace the shared trunk without touching the trainer.
 
 Shared trunk (reft.md §4, the paper's default): a linear value head on the policy's last hidden
 state. Its values come for free with the policy's forward, and its loss rides in the policy's
@@ -19,5 +21,115 @@ class SharedTrunkCritic:
         """V(s_t) at every label position; taken from the policy forward that made them."""
         return [out["values"] for out in policy_outputs]
 
+    def request_values(self, microbatches: list[dict]):
+        """Start a value pass; `.result(policy_outputs)` returns the values (here: at once)."""
+        return _FromPolicy()
+
     def update(self, microbatches: list[dict]) -> dict:
         return {}  # trained jointly with the policy (see module docstring)
+
+    def update_stats(self) -> dict:
+        return {}  # the value loss is among the policy's statistics
+
+
+class _FromPolicy:
+    def result(self, policy_outputs):
+        return [out["values"] for out in policy_outputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# A separate value model (issue 12): its own trunk + head, optimizer and layout.
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def value_loss_fn(vf_coef: float, value_clip: float):
+    """vf_coef · clipped value loss (reft.md §4), per sequence then summed; megatron divides by
+    the number of sequences over all micro-batches and DP ranks (engine.py's loss convention).
+    Keeping vf_coef makes the separate critic minimise the same value term as the shared trunk."""
+    from megatron_reft.rl import ppo_math
+
+    def loss_fn(mb: dict, out: dict):
+        mask = mb["action_mask"]
+        loss, stats = ppo_math.value_loss(out["values"], mb["values"], mb["returns"], mask,
+                                          clip_range=value_clip, num_sequences=1)
+        num_sequences = ppo_math.count_sequences(mask)
+        stats = {"value_loss": loss.detach() / num_sequences.clamp(min=1), **stats}
+        return vf_coef * loss, num_sequences, stats
+
+    return loss_fn
+
+
+STAT_KEYS = ("value_loss", "value_clip_fraction")
+
+
+def reduce_critic_stats(stats: list[dict], group=None) -> dict:
+    """Mean of the per-micro-batch critic statistics over micro-batches and the critic's DP ranks
+    (only last-stage, TP-rank-0 ranks hold statistics; each replica counts once)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for s in stats:
+            sums[:-1] += torch.tensor([float(s[k]) for k in STAT_KEYS], dtype=torch.float64)
+            sums[-1] += 1
+    if dist.is_initialized():
+        dist.all_reduce(sums, group=group)
+    return {k: float(sums[i] / sums[-1].clamp(min=1)) for i, k in enumerate(STAT_KEYS)}
+
+
+class LocalCritic:
+    """A separate value model living in this process's megatron parallel state.
+
+    Used directly when actor and critic share ranks (the in-process reference of the tests) and,
+    on the critic's own ranks, behind `CriticServer`.
+    """
+    shared = False
+
+    def __init__(self, engine, *, vf_coef: float, value_clip: float, lr: float, group=None):
+        self.engine, self.lr, self.group = engine, lr, group
+        self.loss_fn = value_loss_fn(vf_coef, value_clip)
+        self.seconds = {"critic_values_time": 0.0, "critic_update_time": 0.0}
+        self._stats: list[dict] = []
+
+    def request_values(self, microbatches: list[dict]):
+        return _Ready(self.values(microbatches))
+
+    def values(self, microbatches: list[dict], policy_outputs=None) -> list:
+        t0 = time.perf_counter()
+        out = [o["values"] for o in self.engine.forward(microbatches)]
+        self.seconds["critic_values_time"] += time.perf_counter() - t0
+        return out
+
+    def update(self, microbatches: list[dict]) -> dict:
+        """One optimizer step of the critic on one mini-batch."""
+        t0 = time.perf_counter()
+        self.engine.set_lr(self.lr)
+        self.engine.module.train()
+        result = self.engine.train_step(microbatches, self.loss_fn)
+        self._stats += result["stats"]
+        self.seconds["critic_update_time"] += time.perf_counter() - t0
+        return {}
+
+    def update_stats(self) -> dict:
+        """Statistics of the updates since the last call (value loss, clip fraction, timers)."""
+        stats = reduce_critic_stats(self._stats, self.group)
+        self._stats = []
+        stats.update(self._take_seconds())
+        return stats
+
+    def _take_seconds(self) -> dict:
+        seconds, self.seconds = self.seconds, {k: 0.0 for k in self.seconds}
+        return seconds
+
+
+class _Ready:
+    """A finished value request (values already computed)."""
+
+    def __init__(self, values):
+        self._values = values
+
+    def result(self, policy_outputs=None):
+        return self._values

@@ -26,7 +26,7 @@ def _greedy_eval(config, ckpt: Path) -> tuple[float, int]:
     """(held-out greedy accuracy, number of held-out items)."""
     from megatron_reft.checkpoint.io import load_checkpoint
     from megatron_reft.evaluation.run import greedy_accuracy, make_scorer
-    from megatron_reft.sft.trainer import build_engine
+    from megatron_reft.engines import build_engine
 
     runtime.start(config)
     data = runtime.load_data(config, need_train=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     m2h.add_argument("--source", default=None, help="for training checkpoints: the converted checkpoint "
                      "(or HF directory) the model came from, for the HF config and OPT's offset rows")
     m2h.add_argument("--overwrite", action="store_true")
+    m2h.add_argument("--critic", action="store_true", help="export the separate critic saved with this "
+                     "PPO checkpoint (<ckpt>/critic): the trunk as a HF model + value_head.safetensors")
 
     ver = sub.add_parser("verify", help="compare logits and greedy continuations of both checkpoints")
     ver.add_argument("--hf-dir", required=True)
@@ -61,6 +64,11 @@ def _run(args) -> int:
         print(f"wrote {args.out}")
         return 0
     if args.command == "megatron-to-hf":
+        if args.critic:
+            args.ckpt = str(Path(args.ckpt) / "critic")
+            if not (Path(args.ckpt) / "weights").is_dir():
+                raise FileNotFoundError(f"--ckpt: no separate critic in {args.ckpt} "
+                                        "(critic.mode=separate saves one)")
         convert.megatron_to_hf(args.ckpt, args.out, dtype=convert.parse_dtype(args.dtype),
                                max_shard_size=args.max_shard_size, source=args.source,
                                overwrite=args.overwrite)

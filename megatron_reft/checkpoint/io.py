@@ -14,7 +14,6 @@ and durably: a crash leaves either the old or the new checkpoint, never a half-w
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path

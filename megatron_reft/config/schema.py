@@ -142,6 +142,22 @@ class PPOSection:
 
 
 @dataclass
+class CriticSection:
+    """The value model (issue 12). shared: a head on the policy's trunk (reft.md §4, default).
+    separate: its own GPT trunk + head on its own ranks, layout and optimizer."""
+
+    mode: str = "shared"  # shared | separate
+    load: Optional[str] = None  # separate: checkpoint to initialise the critic from; None: model.load (fresh head)
+    world_size: Optional[int] = None  # separate: ranks given to the critic (the last ones of the job)
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    lr: Optional[float] = None  # separate: critic learning rate; None: optim.lr
+    weight_decay: Optional[float] = None  # None: optim.weight_decay
+    clip_grad: Optional[float] = None  # None: optim.clip_grad
+    micro_batch_size: Optional[int] = None  # None: trainer.micro_batch_size
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -150,3 +166,4 @@ class Config:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     reward: RewardSection = field(default_factory=RewardSection)
     ppo: PPOSection = field(default_factory=PPOSection)
+    critic: CriticSection = field(default_factory=CriticSection)

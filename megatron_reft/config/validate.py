@@ -19,6 +19,7 @@ CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.use_te": ("auto", "true", "false"),
     "model.attention": ("sdpa", "megatron"),
+    "critic.mode": ("shared", "separate"),
 }
 
 
@@ -124,10 +125,57 @@ def _value_errors(config: Config) -> list[str]:
     return errors
 
 
+def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | None,
+                   job: str) -> list[str]:
+    """A separate critic (issue 12): on the actor's ranks (critic.world_size unset) or on
+    critic.world_size ranks of its own with its own TP x PP."""
+    c = config.critic
+    if c.mode != "separate":
+        return []
+    errors = [] if c.load is None or os.path.exists(c.load) else [f"critic.load: not found: {c.load}"]
+    tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        return errors + ["critic.tensor_model_parallel_size: TP and PP must be >= 1"]
+    if c.world_size is None:
+        p = config.parallel
+        if (tp, pp) != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size):
+            errors.append("critic.tensor_model_parallel_size: a critic on the actor's ranks "
+                          "(critic.world_size unset) uses the actor's TP x PP; set critic.world_size "
+                          "for a layout of its own")
+        return errors
+    if c.world_size < 1:
+        return errors + ["critic.world_size: must be >= 1 (or unset: the actor's ranks)"]
+    if job == "ppo":
+        errors.append("critic.world_size: critic ranks of their own are not yet runnable from "
+                      "`megatron-reft ppo` (library API only, docs/architecture.md); unset it to "
+                      "run the separate critic on the actor's ranks")
+    if c.world_size % (tp * pp):
+        errors.append(f"critic.world_size: {c.world_size} is not a multiple of critic TP x PP = {tp} x {pp}")
+    if world_size is not None and world_size - c.world_size < 1:
+        errors.append(f"critic.world_size: {c.world_size} leaves no actor rank in a world of {world_size}")
+    if model is not None:
+        if model.num_attention_heads % tp:
+            errors.append(f"critic.tensor_model_parallel_size: {tp} does not divide "
+                          f"model.num_attention_heads={model.num_attention_heads}")
+        if model.num_layers % pp:
+            errors.append(f"critic.pipeline_model_parallel_size: {pp} does not divide "
+                          f"model.num_layers={model.num_layers}")
+    return errors
+
+
+def actor_world_size(config: Config, world_size: int | None) -> int | None:
+    """Ranks left to the policy: all of them, less a separate critic's."""
+    if world_size is None or config.critic.mode != "separate" or not config.critic.world_size:
+        return world_size
+    return max(world_size - config.critic.world_size, 1)
+
+
 def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
              world_size: int | None = None) -> None:
     """Raise ConfigError listing every problem, one line each, naming the key."""
-    errors = _value_errors(config) + _file_errors(config, job)
+    errors = (_value_errors(config) + _file_errors(config, job)
+              + _critic_errors(config, model, world_size, job))
+    world_size = actor_world_size(config, world_size)
     if model is not None:
         layout_errors = _layout_errors(model, config, world_size, job)
         errors += layout_errors

@@ -33,7 +33,7 @@ def run(config, ckpt: str, out_path: str, k: int, temperature: float, max_sample
     from megatron_reft.data.loaders import save_records
     from megatron_reft.evaluation.run import make_scorer
     from megatron_reft.evaluation.sampled import SampleStore, check_store_settings, sample_questions
-    from megatron_reft.sft.trainer import build_engine
+    from megatron_reft.engines import build_engine
 
     runtime.start(config)
     data = runtime.load_data(config, need_train=True)

@@ -80,7 +80,7 @@ def load_reranker(config, model_cfg, ckpt: str):
     (an SFT checkpoint is the reward model's initialisation, not a reward model)."""
     from megatron_reft import runtime
     from megatron_reft.checkpoint.io import checkpoint_tensor_keys, load_checkpoint
-    from megatron_reft.sft.trainer import build_engine
+    from megatron_reft.engines import build_engine
 
     if not any("value_head" in key for key in checkpoint_tensor_keys(ckpt)):
         raise runtime.ConfigError(f"--reranker: {ckpt} has no classification head (train one with "

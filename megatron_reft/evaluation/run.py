@@ -79,7 +79,7 @@ def greedy_accuracy(engine, tokenizer, records: list, config, scorer, batch_size
 def run(config, ckpt: str, out_path: str | None, samples: int | None = None, temperature: float = 1.0,
         samples_dir: str | None = None, reranker: str | None = None) -> float:
     from megatron_reft.checkpoint.io import load_checkpoint
-    from megatron_reft.sft.trainer import build_engine
+    from megatron_reft.engines import build_engine
 
     runtime.start(config)
     data = runtime.load_data(config, need_train=False)

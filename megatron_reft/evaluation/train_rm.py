@@ -59,7 +59,7 @@ def run(config, samples_dir: str) -> dict:
     from megatron_reft.evaluation.reward_model import classifier_batch, rm_loss_fn
     from megatron_reft.evaluation.sampled import SampleStore
     from megatron_reft.rl.rollout import micro_batches
-    from megatron_reft.sft.trainer import build_engine
+    from megatron_reft.engines import build_engine
 
     runtime.start(config)
     data = runtime.load_data(config)

@@ -20,7 +20,7 @@ from megatron_reft.evaluation.run import make_scorer
 from megatron_reft.rl.rollout import build_rollout_batch, micro_batches
 from megatron_reft.rl.self_training import correct_sample_mask, online_self_training_loss
 from megatron_reft.rl.trainer import PPOTrainer, reduce_stats
-from megatron_reft.sft.trainer import build_engine
+from megatron_reft.engines import build_engine
 
 
 class _RememberingSampler:

@@ -16,13 +16,12 @@ import torch
 
 from megatron_reft import runtime
 from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
-from megatron_reft.critic import SharedTrunkCritic
+from megatron_reft.engines import build_critic, build_engine
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
 from megatron_reft.reliability import watchdog
 from megatron_reft.reliability.numerics import NonFiniteGuard, rollout_is_finite
 from megatron_reft.rl import ppo_math
 from megatron_reft.rl.rollout import assemble, build_rollout_batch, gather_forward, micro_batches, padding_stats
-from megatron_reft.sft.trainer import build_engine
 
 
 def ppo_loss_fn(config, with_value: bool = True):
@@ -41,6 +40,7 @@ def ppo_loss_fn(config, with_value: bool = True):
         else:
             loss, stats = ppo_math.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"],
                                                mask, clip_eps=p.clip_eps, num_sequences=1)
+            stats = {"policy_loss": loss.detach(), **stats}  # the value loss: the critic's statistics
         num_sequences = ppo_math.count_sequences(mask)
         # Report losses per sequence (the optimised loss is their sum; see above).
         stats = {k: (v / num_sequences.clamp(min=1) if k in ("policy_loss", "value_loss") else v)
@@ -55,6 +55,9 @@ def reduce_stats(stats: list[dict]) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_reft.distributed.roles import role_group
+
+    group = role_group()  # the actor's ranks when a separate critic holds the others (issue 12)
     keys = sorted(stats[0]) if stats else []
     keys = _broadcast_keys(keys)
     contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -66,8 +69,8 @@ def reduce_stats(stats: list[dict]) -> dict:
             maxes = torch.maximum(maxes, torch.tensor([float(s[k]) for k in keys], dtype=torch.float64))
         sums[-1] = len(stats)
     if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
     return {k: float(maxes[i]) if k.endswith("_max") else float(sums[i] / sums[-1].clamp(min=1))
             for i, k in enumerate(keys)}
 
@@ -76,10 +79,12 @@ def _broadcast_keys(keys: list[str]) -> list[str]:
     """Only last-stage ranks know the stat names; share them with everyone."""
     import torch.distributed as dist
 
+    from megatron_reft.distributed.roles import role_group
+
     if not dist.is_initialized():
         return keys
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, keys)
+    gathered = [None] * dist.get_world_size(role_group())
+    dist.all_gather_object(gathered, keys, group=role_group())
     return max(gathered, key=len)
 
 
@@ -91,9 +96,10 @@ class PPOTrainer:
         self.data = runtime.load_data(config)
         self.model_cfg = runtime.model_config_for(config, self.data)
         runtime.write_run_config(config, self.model_cfg, job="ppo")
-        self.policy = build_engine(config, self.model_cfg, optim=True, value_head=True)
+        shared = config.critic.mode == "shared"
+        self.policy = build_engine(config, self.model_cfg, optim=True, value_head=shared)
         self.reference = build_engine(config, self.model_cfg, optim=False)
-        self.critic = SharedTrunkCritic(self.policy)
+        self.critic = build_critic(config, self.model_cfg, self.policy)  # critic.mode (issue 12)
         self.scorer = make_scorer(config)
         self._prepare_prompts()
         self.step, self.best_accuracy = 0, None
@@ -127,6 +133,10 @@ class PPOTrainer:
             self.policy.reset_value_head(c.trainer.seed)
         resume = runtime.resume_source(c)
         if resume is not None:
+            if getattr(self.critic, "engine", None) is not None:  # a separate critic: its own dir
+                load_checkpoint(Path(resume) / "critic", self.critic.engine.module,
+                                optimizer=self.critic.engine.optimizer)
+                self.critic.engine._sync_param_copies()
             state = load_checkpoint(resume, self.policy.module, optimizer=self.policy.optimizer, load_rng=True)
             self.step, self.best_accuracy = state["step"], state.get("best_accuracy")
             self.sampler.load_state_dict(state["sampler"])
@@ -174,13 +184,15 @@ class PPOTrainer:
         rows = list(range(batch.size))
         with timer("logprobs"):  # overlaps with sandbox scoring running in the background
             mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
+            pending_values = self.critic.request_values(mbs)  # a separate critic starts now
             old = self.policy.forward(mbs)
-            old_values = self.critic.values(mbs, old)
             if p.ref_offload:
                 self.reference.onload()
             ref = self.reference.forward(mbs, with_entropy=False)  # same plan; entropy unused
             if p.ref_offload:
                 self.reference.offload()
+        with timer("critic_values_wait"):  # GAE needs the values: the only wait
+            old_values = pending_values.result(old)
         with timer("scoring"):
             results = scores_future.result()
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
@@ -211,8 +223,8 @@ class PPOTrainer:
                     rows = list(range(start, min(start + mini, batch.size)))
                     mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
                     padding.append(padding_stats(batch, mbs))
+                    self.critic.update(mbs)  # a separate critic trains while the policy does
                     result = self.policy.train_step(mbs, ppo_loss_fn(self.config, self.critic.shared))
-                    self.critic.update(mbs)
                     stats += result["stats"]
                     grad_norms.append(result["grad_norm"])
                     all_ok = all_ok and result["update_ok"]
@@ -221,6 +233,8 @@ class PPOTrainer:
         reduced["update_ok"] = all_ok
         for key in padding[0]:  # this rank's update passes (ranks see alike length mixes)
             reduced[key] = sum(pad[key] for pad in padding) / len(padding)
+        with timer("critic_update_wait"):
+            reduced.update(self.critic.update_stats())  # value loss, critic timers and overlap
         return reduced
 
     def step_metrics(self, batch, adv: dict, update: dict, timer, seconds: float) -> dict:
@@ -249,6 +263,8 @@ class PPOTrainer:
                    "lr": self.config.optim.lr, "step_time": seconds,
                    "tokens_per_s": generated / seconds if seconds else 0.0}
         metrics.update({k: v for k, v in update.items() if k.startswith("padding_fraction")})
+        # a separate critic's phase timers, its wait and overlap figures (issue 12)
+        metrics.update({k: v for k, v in update.items() if k.startswith("critic_")})
         metrics.update(timer.as_metrics())
         return metrics
 
@@ -276,6 +292,10 @@ class PPOTrainer:
         save_checkpoint(ckpt_dir / name, self.policy.module, self.model_cfg, optimizer=self.policy.optimizer,
                         trainer_state=state, tokenizer=self.data.tokenizer, update_latest=update_latest,
                         carry_from=self.config.model.load)
+        if getattr(self.critic, "engine", None) is not None:  # a separate critic, same step
+            save_checkpoint(ckpt_dir / name / "critic", self.critic.engine.module, self.model_cfg,
+                            optimizer=self.critic.engine.optimizer, tokenizer=self.data.tokenizer,
+                            update_latest=False, carry_from=self.config.critic.load or self.config.model.load)
         prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
 
     def train(self) -> dict:

@@ -13,7 +13,8 @@ import torch
 
 from megatron_reft import runtime
 from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
-from megatron_reft.engine import Engine, OptimSettings, resolve_dtype
+from megatron_reft.engine import Engine
+from megatron_reft.engines import build_engine
 from megatron_reft.reliability import watchdog
 from megatron_reft.reliability.numerics import NonFiniteGuard
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer
@@ -70,18 +71,6 @@ def evaluation_loss(engine: Engine, examples: list, micro_batch_size: int, pad_i
     if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
         stats = []  # count each DP replica's numbers once
     return global_mean(stats)
-
-
-def build_engine(config, model_cfg, optim: bool = True, value_head: bool = False) -> Engine:
-    o = config.optim
-    settings = OptimSettings(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-                             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-                             use_distributed_optimizer=config.parallel.use_distributed_optimizer)
-    use_te = {"auto": None, "true": True, "false": False}[config.model.use_te.lower()]
-    return Engine(model_cfg, dtype=resolve_dtype(config.model.dtype), use_te=use_te,
-                  optim=settings if optim else None, recompute=config.model.recompute,
-                  with_value_head=value_head, attention=config.model.attention,
-                  logprob_chunk_tokens=config.ppo.logprob_chunk_tokens)
 
 
 def run(config) -> dict:

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from .report import describe_isolation

@@ -1,0 +1,181 @@
+"""Split one torch.distributed world into roles (actor, critic), each with its own megatron layout.
+
+megatron-core's parallel state is a process-global singleton built by `initialize_model_parallel`
+over *all* ranks of the default group. A separate critic (issue 12) needs each process to hold
+the groups of its own role only: actor ranks 0..A-1 with the actor's TP × PP × DP, critic ranks
+A..W-1 with the critic's. We get that from megatron itself, unmodified, by running
+`initialize_model_parallel` on every process for its own role with three things narrowed for the
+duration of the call:
+
+- `torch.distributed.get_world_size()` (no group) answers the role's size, so megatron derives
+  the role's DP size and checks divisibility against it;
+- `RankGenerator` gets the role's first global rank as `rank_offset` (a parameter megatron has
+  but does not expose), so every group it builds lists the role's *global* ranks;
+- every process builds *both* roles' groups, actor's first, in the same order (torch's
+  `new_group` is a call every rank of the world makes), and keeps the parallel state of its own
+  role: megatron's module globals are snapshotted after each role's build and this process's
+  role's snapshot is put back. (Local-synchronised group creation, which would spare the
+  non-members, hung in gloo's rendezvous on CPU.)
+
+Everything else in megatron then works as usual inside a role: its collectives run on its own
+groups, and `get_pipeline_model_parallel_last_rank()` etc. return global ranks. Collectives on the
+default group (`dist.all_reduce(x)` without a group) span both roles and must not be used by
+role code; `role_group()` is the role's replacement for "the world".
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str  # "actor" or "critic"
+    first_rank: int  # global rank of the role's rank 0 (its lead rank)
+    size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.first_rank, self.first_rank + self.size))
+
+    @property
+    def data_parallel(self) -> int:
+        return self.size // (self.tensor_parallel * self.pipeline_parallel)
+
+
+@dataclass(frozen=True)
+class SplitWorld:
+    actor: Role
+    critic: Role
+
+    def role_of(self, rank: int) -> Role:
+        return self.actor if rank < self.critic.first_rank else self.critic
+
+
+_ROLE: Role | None = None
+_ROLE_GROUP = None
+_SPLIT: SplitWorld | None = None
+
+
+def plan_split(world_size: int, critic_world_size: int, actor_tp: int, actor_pp: int,
+               critic_tp: int, critic_pp: int) -> SplitWorld:
+    """Actor ranks first (rank 0 stays the job's lead: logs, metrics, checkpoints), critic last."""
+    actor_size = world_size - critic_world_size
+    if critic_world_size < 1 or actor_size < 1:
+        raise ValueError(f"critic.world_size={critic_world_size} must leave at least one actor rank "
+                         f"and take at least one of the world's {world_size}")
+    for name, size, tp, pp in (("actor", actor_size, actor_tp, actor_pp),
+                               ("critic", critic_world_size, critic_tp, critic_pp)):
+        if size % (tp * pp):
+            raise ValueError(f"{name} ranks ({size}) are not a multiple of TP x PP = {tp} x {pp}")
+    return SplitWorld(Role("actor", 0, actor_size, actor_tp, actor_pp),
+                      Role("critic", actor_size, critic_world_size, critic_tp, critic_pp))
+
+
+@contextlib.contextmanager
+def _megatron_sees_only(role: Role):
+    """Narrow megatron's view of the world to `role` while it builds its groups (module doc)."""
+    from megatron.core import parallel_state as ps
+
+    real_world_size, real_generator = dist.get_world_size, ps.RankGenerator
+
+    def role_world_size(group=None):
+        return role.size if group is None else real_world_size(group)
+
+    class RoleRankGenerator(real_generator):
+        def __init__(self, *args, **kwargs):
+            kwargs["rank_offset"] = role.first_rank
+            super().__init__(*args, **kwargs)
+
+    dist.get_world_size, ps.RankGenerator = role_world_size, RoleRankGenerator
+    try:
+        yield
+    finally:
+        dist.get_world_size, ps.RankGenerator = real_world_size, real_generator
+
+
+def _megatron_globals() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {k: v for k, v in vars(ps).items() if k.startswith("_") and k[1:2].isupper()}
+
+
+def initialize_role(split: SplitWorld, timeout_minutes: float = 10.0) -> Role:
+    """Build this process's role's megatron parallel state (the default group must exist)."""
+    from megatron.core import parallel_state as ps
+
+    global _ROLE, _ROLE_GROUP, _SPLIT
+    role = split.role_of(dist.get_rank())
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    pristine, built = _megatron_globals(), {}
+    for r in (split.actor, split.critic):  # the same order on every process (module doc)
+        for name, value in pristine.items():
+            setattr(ps, name, copy.copy(value))
+        with _megatron_sees_only(r):
+            ps.initialize_model_parallel(tensor_model_parallel_size=r.tensor_parallel,
+                                         pipeline_model_parallel_size=r.pipeline_parallel,
+                                         distributed_timeout_minutes=int(max(1, timeout_minutes)))
+        built[r.name] = _megatron_globals()
+    for name, value in built[role.name].items():
+        setattr(ps, name, value)
+    # Every process creates both role groups in the same order (plain, world-synchronised).
+    groups = {r.name: dist.new_group(r.ranks) for r in (split.actor, split.critic)}
+    _ROLE, _ROLE_GROUP, _SPLIT = role, groups[role.name], split
+    return role
+
+
+def current_role() -> Role | None:
+    """This process's role; None when the world is not split (shared critic)."""
+    return _ROLE
+
+
+def role_group():
+    """The group of this process's role; None (the default group) when the world is not split."""
+    return _ROLE_GROUP
+
+
+def current_split() -> SplitWorld | None:
+    return _SPLIT
+
+
+def clear_role() -> None:
+    global _ROLE, _ROLE_GROUP, _SPLIT
+    _ROLE, _ROLE_GROUP, _SPLIT = None, None, None
+
+
+def start_split_world(split_args: dict, seed: int, timeout_minutes: float = 10.0) -> Role:
+    """Start torch.distributed (torchrun/Slurm/plain, like distributed.init.initialize) and this
+    process's role. `split_args`: plan_split's keyword arguments except world_size."""
+    import datetime
+    import os
+
+    import torch
+    from megatron.core import tensor_parallel as mtp
+
+    from megatron_reft.distributed import cpu_compat
+    from megatron_reft.distributed.init import detect_launch_env, seed_everything
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.install()
+    launch = detect_launch_env()
+    if on_gpu:
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo",
+                                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    split = plan_split(dist.get_world_size(), **split_args)
+    role = initialize_role(split, timeout_minutes)
+    seed_everything(seed)
+    mtp.model_parallel_cuda_manual_seed(seed)
+    return role
