@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- readme-test"
-TRAINING_COMMANDS = ("sft", "ppo")
+TRAINING_COMMANDS = ("sft", "ppo", "online-st", "train-rm")
 
 
 def readme_commands(readme: Path = REPO / "README.md") -> list[list[str]]:
