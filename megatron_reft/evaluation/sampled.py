@@ -109,7 +109,7 @@ def sample_questions(engine, tokenizer, records: list, config, scorer, k: int, t
                 seed = batch_seed(config.trainer.seed, index_of[recs[0].id], chunk)
                 tokens += generate(engine, flat[lo:lo + batch_sequences], tokenizer.eos_id, params,
                                    seed=seed).tokens
-            lines = _score_batch(tokenizer, recs, tokens, k, d.cot_type, scorer, response_text)
+            lines = _score_batch(tokenizer, recs, ps_, tokens, k, d.cot_type, scorer, response_text)
             if writer is not None:
                 SampleStore.append(writer, lines)
             bar.update(len(recs))
@@ -128,8 +128,10 @@ def _question_bar(total: int, enabled: bool):
     return tqdm(total=total, disable=not (enabled and runtime.rank() == 0), desc="sampling", unit="question")
 
 
-def _score_batch(tokenizer, recs, tokens, k, cot_type, scorer, response_text) -> list[dict]:
-    texts = [response_text(tokenizer, recs[i // k], toks, cot_type) for i, toks in enumerate(tokens)]
+def _score_batch(tokenizer, recs, prompts, tokens, k, cot_type, scorer, response_text) -> list[dict]:
+    # decoded after the prompt (docs/data.md "Response text"): exact for dummy-prefix tokenizers
+    texts = [response_text(tokenizer, recs[i // k], toks, cot_type, prompts[i // k])
+             for i, toks in enumerate(tokens)]
     owners = [recs[i // k] for i in range(len(texts))]
     results = scorer.score(texts, [r.answer for r in owners], [r.answer_type for r in owners])
     lines = []
