@@ -233,9 +233,10 @@ def test_same_seed_same_logits(layout, name, preset):
     ref_f, got_f = _last(layout("tp1"), preset, "forward0"), layout(name)[0]["families"][preset]["forward0"]
     for key in ("logprobs", "entropy", "values"):  # rank 0 (first stage) gets them too
         assert _max_diff(got_f[key], ref_f[key]) <= LOGIT_TOL, key
-    # Engine.forward's log-probs are the log-softmax of the full logits at the labels.
-    tokens, _ = _fixed_batch()
-    expected = torch.log_softmax(ref.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    # Engine.forward's log-probs are the log-softmax of the full logits at the labels, at the
+    # positions the loss mask scores (0 elsewhere: issue 15, only needed work).
+    tokens, loss_mask = _fixed_batch()
+    expected = torch.log_softmax(ref.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * loss_mask
     assert _max_diff(ref_f["logprobs"], expected) <= LOGIT_TOL
 
 
@@ -293,6 +294,6 @@ def test_tp2_checkpoint_loads_at_pp2_with_same_logits(layout, preset):
     # and not trivially: the trained weights differ from the fresh init
     assert _max_diff(saved, _last(layout("tp2"), preset, "logits0")) > 1e-3
     got_f = layout("pp2")[0]["families"][preset]["loaded_forward"]  # first stage got the broadcast
-    tokens, _ = _fixed_batch()
-    expected = torch.log_softmax(saved.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    tokens, loss_mask = _fixed_batch()
+    expected = torch.log_softmax(saved.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1) * loss_mask
     assert _max_diff(got_f["logprobs"], expected) <= LOGIT_TOL

@@ -170,7 +170,8 @@ def _saved_tensor_bytes(model_cfg: ModelConfig, seq: int, batch: int, recompute:
     from megatron_reft.engine import causal_mask
     from megatron_reft.models.build import build_model, init_weights
 
-    gpt = build_model(model_cfg, dtype=torch.bfloat16, recompute=recompute)
+    # the formula's "local" attention is megatron's own (SDPA keeps less: the plan is an upper bound)
+    gpt = build_model(model_cfg, dtype=torch.bfloat16, recompute=recompute, attention="megatron")
     init_weights(gpt, model_cfg, 1)
     module = Float16Module(gpt.config, gpt)
     module.train()
