@@ -82,11 +82,15 @@ def _one_step(engine, batch, micro_batch_size):
     from megatron.core import parallel_state as ps
 
     from megatron_reft.rl.online_st import online_st_train_step
-    from megatron_reft.rl.rollout import micro_batches
+    from megatron_reft.rl.rollout import gather_forward, micro_batches
     from megatron_reft.rl.self_training import correct_sample_mask, online_self_training_loss
     from megatron_reft.rl.trainer import reduce_stats
 
-    before = torch.cat([o["logprobs"] for o in engine.forward(micro_batches(batch, list(range(8)), 8))])
+    def logprobs():  # [8, S] in the batch's row order (micro-batches are length-sorted)
+        mbs = micro_batches(batch, list(range(8)), 8)
+        return gather_forward(engine.forward(mbs), "logprobs", mbs, batch)
+
+    before = logprobs()
     gold = batch.tensors["is_gold"].bool()
     expected, _ = online_self_training_loss(  # the formula on the whole batch, one process
         before[:4], correct_sample_mask(batch.tensors["scores"][:4], batch.action_mask[:4]),
@@ -96,7 +100,7 @@ def _one_step(engine, batch, micro_batch_size):
     engine.module.train()
     result = online_st_train_step(engine, batch, mine, micro_batch_size)
     stats = reduce_stats(result["stats"])
-    after = torch.cat([o["logprobs"] for o in engine.forward(micro_batches(batch, list(range(8)), 8))])
+    after = logprobs()
     return {"expected": float(expected), "stats": stats, "grad_norm": result["grad_norm"],
             "after": after * batch.action_mask, "before": before * batch.action_mask}
 

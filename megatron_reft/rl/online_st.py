@@ -60,7 +60,8 @@ def online_st_loss_fn(num_sample_tokens: torch.Tensor, num_gold_tokens: torch.Te
     return loss_fn
 
 
-def online_st_train_step(engine, combined, sample_rows: list[int], micro_batch_size: int) -> dict:
+def online_st_train_step(engine, combined, sample_rows: list[int], micro_batch_size: int,
+                         micro_batch_tokens: int | None = None) -> dict:
     """One optimizer step on this rank's share of a mini-batch: `sample_rows` of the combined
     batch (samples in rows [0, B), their gold CoTs at [B, 2B)) and the matching gold rows."""
     import torch.distributed as dist
@@ -71,7 +72,7 @@ def online_st_train_step(engine, combined, sample_rows: list[int], micro_batch_s
     mask = combined.action_mask[rows]
     gold = combined.tensors["is_gold"][rows].bool()
     correct = correct_sample_mask(combined.tensors["scores"][rows], mask)
-    mbs = micro_batches(combined, rows, micro_batch_size)
+    mbs = micro_batches(combined, rows, micro_batch_size, micro_batch_tokens)
     # correct-sample tokens, gold tokens, micro-batches: over the whole mini-batch (all DP ranks)
     counts = torch.stack([correct[~gold].sum(), mask[gold].sum(), torch.tensor(len(mbs))]).double()
     if dist.is_initialized():
@@ -83,12 +84,13 @@ def online_st_train_step(engine, combined, sample_rows: list[int], micro_batch_s
 class OnlineSTTrainer(PPOTrainer):
     def __init__(self, config):  # PPOTrainer's set-up without the reference model and value head
         self.config = config
-        self.launch = runtime.start(config)
+        self.launch = runtime.start(config, job="ppo")  # run lock, leftovers, watchdog (as PPO)
         runtime.print0(runtime.layout_line(config) + f" (launcher: {self.launch.launcher}) [online self-training]")
         self.data = runtime.load_data(config)
         self.model_cfg = runtime.model_config_for(config, self.data)
-        runtime.write_run_config(config)
+        runtime.write_run_config(config, self.model_cfg, job="ppo")
         self.policy = build_engine(config, self.model_cfg, optim=True, value_head=False)
+        self.critic = None  # reft.md §6: no value head
         self.scorer = make_scorer(config)
         self._prepare_prompts()
         self.sampler = _RememberingSampler(self.sampler)
@@ -148,17 +150,20 @@ class OnlineSTTrainer(PPOTrainer):
         combined, n = self._combined, batch.size
         _, dp_size = runtime.dp_rank_and_size()
         mini = (p.mini_batch_size or p.rollout_batch_size) // dp_size
-        stats, grad_norms = [], []
+        stats, grad_norms, all_ok = [], [], True
         with timer("update"):
             self.policy.set_lr(self.config.optim.lr)
             for _ in range(p.ppo_epochs):
                 for start in range(0, n, mini):
                     sample_rows = list(range(start, min(start + mini, n)))
-                    result = online_st_train_step(self.policy, combined, sample_rows, t.micro_batch_size)
+                    result = online_st_train_step(self.policy, combined, sample_rows, t.micro_batch_size,
+                                                  t.micro_batch_tokens)
                     stats += result["stats"]
                     grad_norms.append(result["grad_norm"])
+                    all_ok = all_ok and result["update_ok"]
         reduced = reduce_stats(stats)
         reduced["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        reduced["update_ok"] = all_ok  # the non-finite guard (docs/reliability.md)
         return reduced
 
     def step_metrics(self, batch, adv: dict, update: dict, timer, seconds: float) -> dict:

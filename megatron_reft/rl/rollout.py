@@ -57,7 +57,8 @@ def split_rows(batch: RolloutBatch, rows: list[int] | range, width: int | None =
     width = batch.tokens.shape[1] if width is None else width
     mb = {"tokens": batch.tokens[rows, :width], "labels": batch.labels[rows, :width],
           "action_mask": batch.action_mask[rows, :width]}
-    mb.update({k: v[rows, :width] for k, v in batch.tensors.items()})
+    # per-token tensors are trimmed; per-row ones (e.g. online-ST scores, is_gold) are not
+    mb.update({k: v[rows, :width] if v.dim() > 1 else v[rows] for k, v in batch.tensors.items()})
     lengths = sequence_lengths(batch)
     mb["rows"] = torch.tensor(rows)
     mb["seq_lengths"] = torch.tensor([min(lengths[r], width) for r in rows])
