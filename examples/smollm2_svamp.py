@@ -151,9 +151,9 @@ class Example:
         ppo_dir = self.out / f"ppo_{cot}"
         self.timed(f"ppo_{cot}", cli(
             "ppo", "--config", str(CONFIGS / "smollm2-135m_svamp_ppo.yaml"), *self.common(),
-            f"model.load={latest(sft_dir)}", f"data.train_file={train}", f"data.eval_file={test}",
+            f"model.load={latest(sft_dir)}", f"data.train_file={train}",
+            "data.eval_file=null",  # greedy accuracy is measured once, by the eval stage below
             f"data.cot_type={cot}", f"ppo.kl_coef={KL[cot]}", f"trainer.output_dir={ppo_dir}",
-            "trainer.eval_interval=1000000",  # greedy eval once, by the eval stage below
             *([f"trainer.max_steps={a.ppo_steps}"] if a.ppo_steps else [])))
         self.evaluate("reft", cot, latest(ppo_dir), test)
         export = self.out / f"hf_reft_{cot}"

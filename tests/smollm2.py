@@ -53,12 +53,18 @@ def require_svamp() -> Path:
 
 
 def make(root: Path) -> SmolLM2:
+    """Convert into `root`, or reuse the conversions in $SMOLLM2_TEST_CACHE when that is set
+    (a developer's shortcut across sessions; CI always converts)."""
     from megatron_reft.checkpoint.convert import hf_to_megatron
     from megatron_reft.checkpoint.gguf import gguf_to_hf
 
     gguf_file = require_real_model()
-    hf_dir = gguf_to_hf(gguf_file, root / "hf", log=lambda *a: None)
-    ckpt = hf_to_megatron(hf_dir, root / "megatron", log=lambda *a: None)
+    root = Path(os.environ.get("SMOLLM2_TEST_CACHE") or root)
+    hf_dir, ckpt = root / "hf", root / "megatron"
+    if not hf_dir.is_dir():
+        gguf_to_hf(gguf_file, hf_dir, log=lambda *a: None)
+    if not ckpt.is_dir():
+        hf_to_megatron(hf_dir, ckpt, log=lambda *a: None)
     return SmolLM2(hf_dir, ckpt)
 
 

@@ -1,4 +1,7 @@
-"""Llama family (CodeLlama, Llama-2, and Llama-architecture models) ⇄ megatron-core GPTModel.
+"""Llama family (CodeLlama, Llama-2, SmolLM2 and other Llama-architecture models) ⇄ megatron-core GPTModel.
+
+Tied embeddings (`tie_word_embeddings`, e.g. SmolLM2): no output_layer tensor; the model is built
+with share_embeddings_and_output_weights, and an lm_head that repeats the embedding is ignored.
 
 HF LlamaForCausalLM                                  megatron-core GPTModel (local spec names)
   model.embed_tokens.weight                          embedding.word_embeddings.weight (rows padded)
