@@ -16,7 +16,6 @@ TP=2 is impossible for this model (9 attention heads): the converter refuses it 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import subprocess
@@ -68,14 +67,14 @@ def reference(smollm2):
     model = load_hf_model(smollm2.hf_dir, torch.float32)
     reft = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in _reft_prompts(4)]
     chat = _chat_prompts(tokenizer, 8)
-    # Every prompt gets NEW_TOKENS tokens: past an EOS too (some answers are shorter), here and
-    # in the engine (ignore_eos), so all 8 x 32 tokens are compared.
-    no_stop = copy.deepcopy(model.generation_config)
-    no_stop.eos_token_id = None
+    # Every prompt gets NEW_TOKENS tokens, past an EOS too (some answers are shorter), here and in
+    # the engine (ignore_eos), so all 8 x 32 tokens are compared. HF generate stops only at its
+    # eos_token_id: give it one the model cannot produce (ids end at vocab_size - 1).
+    never = model.config.vocab_size
     with torch.no_grad():
         logits = [model(torch.tensor([ids])).logits[0] for ids in reft]
         greedy = [model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 generation_config=no_stop, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=never,
                                  pad_token_id=EOS_ID)[0, len(ids):].tolist()
                   for ids in chat]
     return dict(reft=reft, chat=chat, logits=logits, greedy=greedy)
@@ -170,6 +169,7 @@ def test_rollout_engine_greedy_equals_hf_generate(run, reference, tp, pp):
     for r in run:
         greedy.update(r[(tp, pp)]["greedy"])
     assert sorted(greedy) == list(range(len(reference["chat"])))
+    assert any(EOS_ID in tokens for tokens in reference["greedy"]), "the comparison runs past an EOS"
     for i, expected in enumerate(reference["greedy"]):
         assert len(expected) == NEW_TOKENS
         assert greedy[i] == expected, f"TP={tp} PP={pp}: prompt {i} differs"
