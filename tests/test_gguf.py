@@ -49,7 +49,9 @@ def test_dequantised_directory_is_the_gguf_model(smollm2):
     with torch.no_grad():
         expected = direct(torch.tensor([ids])).logits
         got = saved(torch.tensor([ids])).logits
-    assert torch.equal(got, expected)
+    # Same weights; the two loads may pick different attention kernels (eager vs sdpa).
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 def test_missing_file_is_one_line_exit_2(tmp_path):

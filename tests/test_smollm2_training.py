@@ -50,7 +50,7 @@ def _start(command: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def _wait(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=1800)  # generous: a loaded 2-core machine is many times slower
     assert proc.returncode == 0, f"{' '.join(proc.args)}\n{out[-3000:]}\n{err[-6000:]}"
     return out
 
