@@ -139,3 +139,22 @@ def test_export_loads_in_transformers_and_generates(runs):
     head = load_file(str(export / "value_head.safetensors"))
     assert head["weight"].shape == (1, 576) and head["bias"].shape == (1,)
     assert torch.isfinite(head["weight"]).all()
+
+
+@pytest.mark.parametrize("name,job", [("smollm2-135m_svamp_sft.yaml", "sft"), ("smollm2-135m_svamp_ppo.yaml", "ppo")])
+def test_recipes_validate_for_one_gpu(name, job, tmp_path):
+    """The example's recipes pass validation (memory plan included) on their one planned GPU,
+    and the preset is SmolLM2-135M's architecture (what the converted model.yaml says)."""
+    from megatron_reft.config import load_config, resolve_model_config, validate
+
+    stand_in = tmp_path / "data.json"
+    stand_in.write_text("[]")
+    config = load_config(CONFIGS / name, ["model.load=null", "data.tokenizer=null",
+                                          f"data.train_file={stand_in}", f"data.eval_file={stand_in}"])
+    model = resolve_model_config(config)
+    validate(config, model, job=job, world_size=config.parallel.planned_world_size)
+    assert config.parallel.planned_world_size == 1
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.num_query_groups,
+            model.ffn_hidden_size, model.vocab_size, model.rope_theta, model.tie_embeddings) == \
+        (30, 576, 9, 3, 1536, 49152, 1e5, True)
+    assert 134e6 < model.num_parameters() < 136e6
