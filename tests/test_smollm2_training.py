@@ -80,8 +80,9 @@ def runs(smollm2, tmp_path_factory):
                       f"model.load={_latest(out['sft_pcot'])}", f"data.train_file={data['pcot']}",
                       f"data.eval_file={data['test']}", "ppo.rollout_batch_size=4", "reward.num_workers=1",
                       f"trainer.output_dir={out['ppo']}"), root)
-    evaluation = _start(_cli("eval", "--config", str(CONFIGS / "smollm2-135m_svamp_sft.yaml"), *user, *SMALL,
-                             "--ckpt", str(_latest(out["sft_ncot"])), f"data.eval_file={data['test']}",
+    evaluation = _start(_cli("eval", "--config", str(CONFIGS / "smollm2-135m_svamp_sft.yaml"),
+                             "--ckpt", str(_latest(out["sft_ncot"])), *user, *SMALL,
+                             f"data.train_file={data['ncot']}", f"data.eval_file={data['test']}",
                              "reward.num_workers=1", f"trainer.output_dir={out['eval_ncot']}"), root)
     logs["ppo"], logs["eval_ncot"] = _wait(ppo), _wait(evaluation)
     logs["export"] = _wait(_start(_cli("convert", "megatron-to-hf", "--ckpt", str(_latest(out["ppo"])),
