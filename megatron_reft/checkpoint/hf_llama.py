@@ -1,5 +1,10 @@
 """Llama family ⇄ megatron-core GPTModel: CodeLlama, Llama-2, Llama-3.x (RoPE scaling `llama3`),
-Mistral (`mistral`) and Qwen2/Qwen2.5 (`qwen2`: Q/K/V biases, tied or untied embeddings).
+Mistral (`mistral`), Qwen2/Qwen2.5 (`qwen2`: Q/K/V biases, tied or untied embeddings) and
+SmolLM2 and other Llama-architecture models.
+
+Tied embeddings (`tie_word_embeddings`, e.g. SmolLM2, small Qwen2): no output_layer tensor; the
+model is built with share_embeddings_and_output_weights, and an lm_head that repeats the
+embedding is ignored.
 
 HF LlamaForCausalLM                                  megatron-core GPTModel (local spec names)
   model.embed_tokens.weight                          embedding.word_embeddings.weight (rows padded)

