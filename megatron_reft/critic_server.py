@@ -41,6 +41,17 @@ def _recv_from(buffer: torch.Tensor, src: int, peer: str) -> None:
                        "ending this rank") from err
 
 
+
+def _lengths_from_actions(action_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(prompt lengths, response lengths) of rows whose actions are `action_mask`'s ones: the
+    first action is at position prompt_length - 1 (reft.md §4's action span)."""
+    prompts, responses = [], []
+    for row in action_mask:
+        actions = row.nonzero().flatten()
+        prompts.append(int(actions[0]) + 1 if len(actions) else 1)
+        responses.append(len(actions))
+    return prompts, responses
+
 def _isend_to(tensor: torch.Tensor, dst: int):
     try:
         return dist.isend(tensor, dst)
@@ -197,17 +208,21 @@ class CriticServer:
         """This critic DP rank's share of the rows, as equal micro-batches (masked padding)."""
         from megatron.core import parallel_state as ps
 
-        from megatron_reft.rl.rollout import RolloutBatch, micro_batches
+        from megatron_reft.rl.rollout import RolloutBatch, split_rows
 
         keys = ("action_mask", "values", "returns")[:floats.shape[0]]
-        batch = RolloutBatch(ints[0], ints[1], floats[0], [], [], [],
+        action_mask = floats[0]
+        batch = RolloutBatch(ints[0], ints[1], action_mask, *_lengths_from_actions(action_mask), [],
                              tensors={k: floats[i] for i, k in enumerate(keys) if k != "action_mask"})
         rows = ints.shape[1]
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         share = -(-rows // dp)
         mine = list(range(dp_rank * share, min(rows, (dp_rank + 1) * share)))
         mine += [-1] * (share - len(mine))  # short last share: padded below
-        mbs = micro_batches(batch, [r if r >= 0 else 0 for r in mine], self.micro_batch_size)
+        # rows in order and at full width, so that the reply is a plain concatenation
+        in_order = [r if r >= 0 else 0 for r in mine]
+        mbs = [split_rows(batch, in_order[i:i + self.micro_batch_size])
+               for i in range(0, len(in_order), self.micro_batch_size)]
         padded = [i for i, r in enumerate(mine) if r < 0]
         for i in padded:  # a padding row must add nothing to any loss
             mbs[i // self.micro_batch_size]["action_mask"][i % self.micro_batch_size] = 0.0
