@@ -49,7 +49,6 @@ def classifier_loss(values: torch.Tensor, last: torch.Tensor, is_correct: torch.
 
 
 def rm_loss_fn(mb: dict, out: dict):
-    # filler rows of a short last micro-batch have their action mask zeroed (rl/rollout.py)
     return classifier_loss(out["values"], mb["last"] * mb["action_mask"], mb["is_correct"])
 
 
@@ -63,8 +62,8 @@ def p_correct(engine, prompts: list[list[int]], responses: list[list[int]], pad_
         return []
     batch = classifier_batch(prompts, responses, [0.0] * len(prompts), pad_id)
     rows = list(range(batch.size))
-    out = engine.forward(micro_batches(batch, rows, min(micro_batch_size, batch.size)))
-    values = gather_forward(out, "values", batch.size)
+    mbs = micro_batches(batch, rows, min(micro_batch_size, batch.size))
+    values = gather_forward(engine.forward(mbs), "values", mbs, batch)  # back in row order
     return torch.sigmoid(correct_logits(values, batch.tensors["last"])).tolist()
 
 
