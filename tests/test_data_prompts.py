@@ -66,7 +66,7 @@ def test_svamp_pcot_target_and_rl_prefill(data):
                "    num_pairs_total = num_species * num_pairs_per_species\n    result = num_pairs_total\n    return result")
     assert build_target(records[0], "pcot") == program
     rl_prompt = build_rl_prompt(records[0], "pcot")
-    assert rl_prompt == build_prompt(SVAMP_0_QUESTION) + 'def solution():\n    """' + SVAMP_0_QUESTION + '"""\n'
+    assert rl_prompt == build_prompt(SVAMP_0_QUESTION) + 'def solution():\n    """' + SVAMP_0_QUESTION + '"""'
     check_masking(encode_sft(CharTokenizer(), records[0], "pcot"), build_prompt(SVAMP_0_QUESTION), program)
     # The RL pre-fill reproduces the start of the SFT text wherever the program's docstring is
     # the question verbatim: 3006 of 3043 (37 programs carry a detokenized question instead).
@@ -91,23 +91,38 @@ def test_fixture_strings_exact():
     record = Record("toy_0", "  Tom has 2 apples. He buys 3 more. How many?\n", "  2 + 3 = 5.\n", "5")
     assert build_prompt(record.question) == "Question:\nTom has 2 apples. He buys 3 more. How many?\nAnswer reasoning:\n"
     assert ncot_target(record.cot, record.answer) == "2 + 3 = 5.\nTherefore, the answer is: 5"
-    assert pcot_prefill(" How many? ") == 'def solution():\n    """How many?"""\n'
+    assert pcot_prefill(" How many? ") == 'def solution():\n    """How many?"""'
     assert build_rl_prompt(record, "ncot") == build_prompt(record.question)
     example = encode_sft(CharTokenizer(), record, "ncot")
     check_masking(example, build_prompt(record.question), "2 + 3 = 5.\nTherefore, the answer is: 5")
     assert len(example) == len(build_prompt(record.question)) + len("2 + 3 = 5.\nTherefore, the answer is: 5") + 1
 
 
-def test_rl_prompt_pcot_is_one_string():
+def test_rl_prompt_pcot_ids_start_the_sft_ids():
+    """The RL prompt's ids are the first ids of the SFT sequence (prompt and program tokenised
+    apart), not the one-string tokenisation, and stop before any token that crosses the
+    header's end (here one that merges the closing quotes with the newline)."""
     class SeamTokenizer(CharTokenizer):
-        """Merges ':\\nd' into one id, so tokenizing across the seam differs from tokenizing apart."""
+        """Merges ':\\nd' and '?\"\"\"\\n' into single ids, as real tokenizers merge across seams."""
         def encode(self, text):
-            return super().encode(text.replace(":\nd", "\x00"))
+            return super().encode(text.replace(":\nd", "\x00").replace('?"""\n', "\x01"))
 
-    record = Record("toy_0", "How many?", None, "5")
-    ids = encode_rl_prompt(SeamTokenizer(), record, "pcot")
-    assert ids == SeamTokenizer().encode(build_prompt("How many?") + pcot_prefill("How many?"))
-    assert 2 in ids  # the merged seam token ("\x00" -> id 2) is there: tokenized as one string
+        def decode(self, ids):
+            return super().decode(ids).replace("\x00", ":\nd").replace("\x01", '?"""\n')
+
+        def decode_continuation(self, prefix_ids, ids):
+            return self.decode(prefix_ids + ids)[len(self.decode(prefix_ids)):]
+
+    record = Record("toy_0", "How many?", 'def solution():\n    """How many?"""\n    return 5', "5")
+    tokenizer = SeamTokenizer()
+    ids = encode_rl_prompt(tokenizer, record, "pcot")
+    assert ids == encode_sft(tokenizer, record, "pcot").input_ids[:len(ids)]
+    assert 2 not in ids  # not the one-string seam id of ":\nd"
+    assert tokenizer.decode(ids).endswith('"""How many')  # "?\"\"\"\n" is left to the policy
+    from megatron_reft.evaluation.run import response_text
+
+    assert response_text(tokenizer, record, tokenizer.encode('?"""\n    return 5') + [tokenizer.eos_id], "pcot", ids) \
+        == record.cot
 
 
 def test_sft_needs_a_cot_and_a_known_type():

@@ -157,6 +157,9 @@ class CharTokenizer:
     def encode(self, text):
         return [ord(c) for c in text]
 
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
 
 def test_overlong_prompts_truncate_like_the_reference_or_drop():
     from megatron_reft.data import LoadReport, Record, build_rl_prompt, encode_rl_prompts
@@ -164,7 +167,7 @@ def test_overlong_prompts_truncate_like_the_reference_or_drop():
 
     records = [Record(f"svamp_{i}", "q" * length, None, "1") for i, length in enumerate((5, 80, 10, 200))]
     full = [CharTokenizer().encode(build_rl_prompt(r, "pcot")) for r in records]
-    limit = 100  # 56 characters + the question twice (prompt and prefill): 66, 216, 76, 456
+    limit = 100  # 55 characters + the question twice (prompt and prefill): 65, 215, 75, 455
     assert [len(ids) > limit for ids in full] == [False, True, False, True]
 
     prompts, kept, report = encode_rl_prompts(CharTokenizer(), records, "pcot", limit, overlong="truncate",
@@ -173,12 +176,12 @@ def test_overlong_prompts_truncate_like_the_reference_or_drop():
     assert [r.id for r in kept] == [r.id for r in records]
     assert (report.loaded, report.truncated, report.num_malformed) == (4, 2, 0)
     assert "4 records kept (2 of them truncated), none rejected." in str(report)
-    assert "svamp_1: 216 prompt tokens > max_prompt_length 100" in str(report)
+    assert "svamp_1: 215 prompt tokens > max_prompt_length 100" in str(report)
 
     prompts, kept, report = encode_rl_prompts(CharTokenizer(), records, "pcot", limit)  # default: drop
     assert prompts == [full[0], full[2]] and [r.id for r in kept] == ["svamp_0", "svamp_2"]
     assert (report.loaded, report.truncated, dict(report.malformed)) == (2, 0, {"prompt_too_long": 2})
-    with pytest.raises(MalformedRecordError, match="svamp_1: 216 prompt tokens"):
+    with pytest.raises(MalformedRecordError, match="svamp_1: 215 prompt tokens"):
         encode_rl_prompts(CharTokenizer(), records, "pcot", limit, on_malformed="raise")
     # truncation is not an error, even under on_malformed=raise
     assert len(encode_rl_prompts(CharTokenizer(), records, "pcot", limit, "raise", overlong="truncate")[0]) == 4

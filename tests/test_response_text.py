@@ -16,8 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tokenizer_kinds  # noqa: E402
 
-from megatron_reft.data import (build_rl_prompt, build_target, encode_rl_prompt, encode_sft,  # noqa: E402
-                                load_records, pcot_prefill)
+from megatron_reft.data import (build_rl_prompt, build_target, encode_pcot_prefill, encode_rl_prompt,  # noqa: E402
+                                encode_sft, load_records, pcot_prefill)
 from megatron_reft.evaluation.run import response_text  # noqa: E402
 from megatron_reft.reward import RewardConfig, RewardScorer  # noqa: E402
 
@@ -61,22 +61,21 @@ def score_all(scorer, texts, records) -> list[float]:
 
 
 def program_body(program: str) -> str:
-    """What the policy writes after the RL prefill: the program after its docstring line (37
-    SVAMP programs spell the docstring differently from the question, e.g. "Bob’s" vs "Bob ’ s")."""
+    """What the policy writes after the RL prefill: the program after its docstring's closing
+    quotes, starting with that line's newline (37 SVAMP programs spell the docstring differently
+    from the question, e.g. "Bob’s" vs "Bob ’ s")."""
     program = program.strip()
     opening = program.index('"""') + 3
-    return program[program.index('"""\n', opening) + 4:]
+    return program[program.index('"""\n', opening) + 3:]
 
 
-def policy_continuation(tokenizer, prompt_text: str, prompt_ids: list[int], text: str) -> list[int]:
-    """Token ids a policy writes to spell `text` after the prompt: how a one-string tokenisation
-    splits after the prompt ids when it starts with them (tokenizers with a dummy prefix, whose
-    stand-alone encoding of `text` would add a space), else `text` encoded on its own (byte-level
-    BPE, where "\\n" and the next indentation merge across the seam)."""
-    joint = tokenizer.encode(prompt_text + text)
-    if joint[:len(prompt_ids)] == prompt_ids:
-        return joint[len(prompt_ids):]
-    return tokenizer.encode(text)
+def policy_continuation(tokenizer, record, body: str) -> list[int]:
+    """Token ids a policy writes after the prefill to complete the program header + `body`: the
+    program tokenised as SFT tokenises a target, after the prefill's ids (which it starts with)."""
+    prefill_ids, _ = encode_pcot_prefill(tokenizer, record.question)
+    program_ids = tokenizer.encode(pcot_prefill(record.question) + body)
+    assert program_ids[:len(prefill_ids)] == prefill_ids, record.id
+    return program_ids[len(prefill_ids):]
 
 
 def decoded_after_whole_prompt(tokenizer, prompt_ids, response_ids) -> str:
@@ -107,11 +106,12 @@ def test_pcot_gold_programs_score_one_at_rl_time(kind, tokenizers, svamp, pcot_s
     for index, record in enumerate(records):
         prompt_ids = encode_rl_prompt(tok, record, "pcot")
         body = program_body(record.cot)
-        response = policy_continuation(tok, build_rl_prompt(record, "pcot"), prompt_ids, body) + [tok.eos_id]
+        response = policy_continuation(tok, record, body) + [tok.eos_id]
         text = response_text(tok, record, response, "pcot", prompt_ids)
         assert text == pcot_prefill(record.question) + body, record.id
         if index % 7 == 0:  # a sample against decoding the whole prompt
-            assert text == pcot_prefill(record.question) + decoded_after_whole_prompt(tok, prompt_ids, response[:-1])
+            prefill_text = encode_pcot_prefill(tok, record.question)[1]
+            assert text == prefill_text + decoded_after_whole_prompt(tok, prompt_ids, response[:-1])
         texts.append(text)
     assert score_all(pcot_scorer, texts, records) == [1.0] * len(records)
 
@@ -148,31 +148,31 @@ def test_ncot_gold_targets_score_one(kind, tokenizers, svamp):
 
 
 @pytest.mark.parametrize("kind", DUMMY_PREFIX_KINDS)
-def test_decoding_the_response_alone_breaks_llama_programs(kind, tokenizers, svamp, pcot_scorer):
-    """The bug this fixes: decoded alone, the body's first line loses a space of indentation
-    (the dummy-prefix strip), and every program fails with an IndentationError."""
+def test_decoding_the_response_alone_loses_a_space_with_llama_tokenizers(kind, tokenizers, svamp):
+    """Why response_text decodes after the prompt: decoded alone, a response whose first piece
+    carries a "▁" loses that space (the dummy-prefix strip). Where the response starts inside
+    the docstring that is harmless; where it starts at an indentation it was an IndentationError
+    for every program (the bug of issue 9)."""
     tok, records = tokenizers[kind], svamp["pcot"][:300]
-    texts = []
+    shortened = 0
     for record in records:
         prompt_ids = encode_rl_prompt(tok, record, "pcot")
-        body = program_body(record.cot)
-        response = policy_continuation(tok, build_rl_prompt(record, "pcot"), prompt_ids, body)
-        alone = tok.decode(response)
-        assert alone == body[1:], record.id  # "   num = 5": three spaces, not four
-        texts.append(pcot_prefill(record.question) + alone)
-    results = pcot_scorer.score(texts, [r.answer for r in records], [r.answer_type for r in records])
-    assert {r.reward for r in results} == {0.0}
-    assert {r.status for r in results} == {"error:IndentationError"}
+        response = policy_continuation(tok, record, program_body(record.cot))
+        written = response_text(tok, record, response, "pcot", prompt_ids)
+        continuation = written[len(encode_pcot_prefill(tok, record.question)[1]):]
+        if tok.id_to_piece(response[0]).startswith("▁"):
+            assert tok.decode(response) == continuation[1:], record.id
+            shortened += 1
+    assert shortened > 0
 
 
-# The SFT ⇄ RL seam (reft.md §2): do the ids SFT trains on start with the ids of the RL prompt?
-#   synthetic: yes (no dummy prefix; the "\n" before the body is a piece of its own), except
-#     for the 37 programs whose docstring differs from the question;
-#   llama-*: never - SFT's target starts with a dummy-prefixed "▁def" after the prompt's "\n",
-#     the one-string RL prompt has "def" glued to "\n" with no space;
-#   gpt2-bytelevel: never - the program's "\n" and the next line's indentation are one
-#     pre-token in SFT, while the RL prompt ends at that "\n".
-SEAM_MATCHES = {"synthetic": 3043 - 37, "llama-sentencepiece": 0, "llama-hf": 0, "gpt2-bytelevel": 0}
+# The SFT ⇄ RL seam (reft.md §2): the ids SFT trains on start with the ids of the RL prompt, for
+# every tokenizer kind, wherever the program's docstring is the question (all but 37 of 3,043).
+# Before the prefill ended at the closing quotes and was tokenised apart from the prompt, this
+# held for the synthetic kind only: a Llama-style tokenizer glued "def" to the prompt's "\n"
+# (SFT: a dummy-prefixed "▁def"), and a byte-level BPE's prompt ended in a lone "\n" where every
+# SFT program has "\n" merged with the next line's indentation.
+SEAM_MATCHES = 3043 - 37
 
 
 @pytest.mark.parametrize("kind", tokenizer_kinds.KINDS)
@@ -183,7 +183,7 @@ def test_sft_rl_seam(kind, tokenizers, svamp):
         prompt_ids, target_ids = sft_split(tok, record, "pcot")
         rl_ids = encode_rl_prompt(tok, record, "pcot")
         matches += (prompt_ids + target_ids)[:len(rl_ids)] == rl_ids
-    assert matches == SEAM_MATCHES[kind]
+    assert matches == SEAM_MATCHES
 
 
 def test_decode_continuation_falls_back_to_the_whole_prompt_when_the_context_decodes_empty(tokenizers):
@@ -224,7 +224,7 @@ def test_hf_llama_classes_read_responses_exactly(class_name, tokenizers, svamp, 
     """transformers' Llama tokenizer classes straight from the SentencePiece model (in
     transformers 5 both names are one tokenizers-backed class; in 4.x LlamaTokenizer is the
     slow, sentencepiece-backed one): their decoder strips the leading space of a sequence, and
-    decode_continuation still gives the program body exactly."""
+    decode_continuation still gives the program exactly."""
     import shutil
 
     import transformers
@@ -236,7 +236,29 @@ def test_hf_llama_classes_read_responses_exactly(class_name, tokenizers, svamp, 
     for record in svamp["pcot"][:300]:
         prompt_ids = encode_rl_prompt(tok, record, "pcot")
         body = program_body(record.cot)
-        response = policy_continuation(tok, build_rl_prompt(record, "pcot"), prompt_ids, body)
-        assert tok.decode(response) == body[1:]  # decoded alone: one space short
+        response = policy_continuation(tok, record, body)
         assert response_text(tok, record, response + [tok.eos_id], "pcot", prompt_ids) == \
             pcot_prefill(record.question) + body, record.id
+
+
+def test_real_smollm2_tokenizer_rl_prompts_start_the_sft_sequences(smollm2, svamp, pcot_scorer):
+    """The seam on a real byte-level BPE (SmolLM2's, as Galactica/OPT-style tokenizers behave):
+    the RL prompt ids start the SFT sequence for every program whose docstring is the question,
+    while the old prompt (header tokenised with the prompt, ending in its own "\\n") starts none,
+    and the gold body written after the prefill reads back as the gold program and scores 1."""
+    from megatron_reft.data import build_prompt, load_tokenizer
+
+    tok, records = load_tokenizer(str(smollm2.hf_dir)), svamp["pcot"]
+    matches = old_matches = 0
+    texts = []
+    for record in records:
+        sft_ids = encode_sft(tok, record, "pcot").input_ids
+        rl_ids = encode_rl_prompt(tok, record, "pcot")
+        old_ids = tok.encode(build_prompt(record.question) + pcot_prefill(record.question) + "\n")
+        matches += sft_ids[:len(rl_ids)] == rl_ids
+        old_matches += sft_ids[:len(old_ids)] == old_ids
+        response = policy_continuation(tok, record, program_body(record.cot)) + [tok.eos_id]
+        texts.append(response_text(tok, record, response, "pcot", rl_ids))
+        assert texts[-1] == pcot_prefill(record.question) + program_body(record.cot), record.id
+    assert (matches, old_matches) == (SEAM_MATCHES, 0)
+    assert score_all(pcot_scorer, texts, records) == [1.0] * len(records)

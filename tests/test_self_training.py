@@ -117,7 +117,7 @@ def test_offline_filter_pcot_on_real_svamp(shared_data):
     renamed = record.cot.replace("result", "answer_value")
     scripted = [record.cot + "\n\nQuestion: trailing text the scorer cuts off",  # gold program: duplicate
                 renamed,                                                       # a different correct program
-                pcot_prefill(record.question) + "    return -12345\n",          # wrong answer
+                pcot_prefill(record.question) + "\n    return -12345\n",        # wrong answer
                 renamed + "\n"]                                                # same program again
     samples = _score([(record, text) for text in scripted], "pcot")
     assert [s["correct"] for s in samples] == [True, True, False, True]

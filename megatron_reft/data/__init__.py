@@ -11,7 +11,7 @@ _EXPORTS = {
     "loaders": ["load_records", "save_records", "split_gsm8k_solution", "parse_hf_spec"],
     "prompts": ["ANSWER_TRIGGER", "COT_TRIGGER", "INSTRUCTION", "OverlongError", "SFTExample", "build_prompt",
                 "build_rl_prompt", "build_target", "encode_rl_prompt", "encode_rl_prompts", "encode_sft",
-                "encode_sft_records", "full_program", "ncot_target", "pcot_prefill"],
+                "encode_pcot_prefill", "encode_sft_records", "full_program", "ncot_target", "pcot_prefill"],
     "records": ["LoadReport", "MalformedRecordError", "Record", "parse_choices", "parse_number"],
     "synthetic": ["Difficulty", "LEVELS", "make_synthetic_records", "make_synthetic_splits",
                   "train_synthetic_tokenizer"],

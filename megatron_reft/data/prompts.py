@@ -4,9 +4,12 @@
     N-CoT target  cot.strip() + "\nTherefore, the answer is: " + answer                (+ EOS)
     P-CoT target  the program "def solution():\n    \"\"\"<question>\"\"\"\n ... return result"  (+ EOS)
 
-SFT tokenizes prompt and target separately and concatenates the ids (as the reference does);
-RL tokenizes the prompt, plus for P-CoT the pre-filled program header, as ONE string. With
-tokenizers that merge across the seam the two can differ; encode_rl_prompt is the RL form.
+SFT tokenizes prompt and target separately and concatenates the ids (as the reference does).
+The RL prompt's ids are built the same way - prompt ids, then for P-CoT the ids a program starting
+with the header is tokenized into, up to the last token that lies wholly inside the header - so
+that they are exactly the first ids of the SFT sequence: the policy continues from a token
+boundary SFT showed it (reft.md §2, "watch the tokenizer boundary at that seam"; docs/data.md,
+"Tokenizer seams").
 """
 from dataclasses import dataclass
 
@@ -37,12 +40,30 @@ def ncot_target(cot: str, answer: str) -> str:
 
 
 def pcot_prefill(question: str) -> str:
-    """The program header the RL prompt is pre-filled with (reft.md §2).
+    """The program header the RL prompt is pre-filled with (reft.md §2) as text: up to the
+    docstring's closing quotes, the newline after them left to the policy (as the reference
+    code does). Its ids, and the part of it they spell, come from encode_pcot_prefill."""
+    return PROGRAM_HEADER + '    """' + question.strip() + '"""'
 
-    The reference code leaves off the final newline ("to decide based on the tokenizer"); we keep
-    it as reft.md §2 states, so the policy starts directly with the first body line.
+
+def encode_pcot_prefill(tokenizer, question: str) -> tuple[list[int], str]:
+    """(ids, text): the ids a P-CoT program opening with the header is tokenized into, up to the
+    last id that lies wholly inside the header, and the header text those ids spell.
+
+    Why cut there rather than encode the header (with its newline) on its own: tokens can cross
+    the header's end in SFT's targets - a byte-level BPE (Galactica, OPT, SmolLM2) merges the
+    newline with the next line's indentation (`"\n   "` + `" num"`), a SentencePiece model may
+    hold one piece for the closing quotes and the newline - so a prompt ending in the header's own last token puts
+    the policy at a boundary SFT never showed it (measured: most SmolLM2 programs then fail with
+    a SyntaxError). The policy writes the rest of the header itself, as it learned to in SFT.
     """
-    return PROGRAM_HEADER + '    """' + question.strip() + '"""\n'
+    header = pcot_prefill(question)
+    ids = tokenizer.encode(header + "\n    ")  # a program's header, newline and indentation
+    for n in range(len(ids), 0, -1):
+        text = tokenizer.decode(ids[:n])
+        if text and header.startswith(text):
+            return ids[:n], text
+    return [], ""
 
 
 def build_target(record: Record, cot_type: str) -> str:
@@ -55,14 +76,17 @@ def build_target(record: Record, cot_type: str) -> str:
 
 
 def build_rl_prompt(record: Record, cot_type: str) -> str:
+    """The RL prompt as text (what a text-in engine such as HF generate() is given); its ids
+    are encode_rl_prompt's, which tokenizes the two parts apart."""
     check_cot_type(cot_type)
     prompt = build_prompt(record.question)
     return prompt + pcot_prefill(record.question) if cot_type == "pcot" else prompt
 
 
-def full_program(record: Record, completion: str) -> str:
-    """The whole P-CoT program once the policy has written the body after the prefill."""
-    return pcot_prefill(record.question) + completion
+def full_program(tokenizer, record: Record, completion: str) -> str:
+    """The whole P-CoT program: the header text the RL prompt's prefill spells, then what the
+    policy wrote after it (the header's tail, if any, and the body)."""
+    return encode_pcot_prefill(tokenizer, record.question)[1] + completion
 
 
 @dataclass
@@ -88,7 +112,12 @@ def encode_sft(tokenizer, record: Record, cot_type: str, max_length: int | None 
 
 
 def encode_rl_prompt(tokenizer, record: Record, cot_type: str, max_prompt_length: int | None = None) -> list[int]:
-    ids = tokenizer.encode(build_rl_prompt(record, cot_type))
+    """Prompt ids, plus for P-CoT the prefill's ids (encode_pcot_prefill): the SFT sequence's
+    first ids wherever the program's docstring is the question (see the module docstring)."""
+    check_cot_type(cot_type)
+    ids = tokenizer.encode(build_prompt(record.question))
+    if cot_type == "pcot":
+        ids = ids + encode_pcot_prefill(tokenizer, record.question)[0]
     if max_prompt_length is not None and len(ids) > max_prompt_length:
         raise OverlongError(f"{len(ids)} prompt tokens > max_prompt_length {max_prompt_length}")
     return ids

@@ -25,7 +25,7 @@ def response_text(tokenizer, record, response_tokens: list[int], cot_type: str,
 
     ids = [t for t in response_tokens if t != tokenizer.eos_id]
     text = tokenizer.decode_continuation(prompt_tokens, ids)
-    return full_program(record, text) if cot_type == "pcot" else text
+    return full_program(tokenizer, record, text) if cot_type == "pcot" else text
 
 
 def make_scorer(config):
