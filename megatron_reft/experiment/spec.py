@@ -97,7 +97,7 @@ def _build(cls, raw, where: str):
     if not isinstance(raw, dict):
         raise ExperimentError(f"{where}: expected a mapping of keys, got {raw!r}")
     fields = _fields(cls)
-    unknown = sorted(set(raw) - set(fields) - {"path"})
+    unknown = sorted(set(raw) - (set(fields) - {"path"}))  # path: where the file was read, not a key
     if unknown:
         raise ExperimentError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(k for k in fields if k != 'path')})")
     from dataclasses import MISSING
