@@ -142,6 +142,8 @@ def test_tables_have_the_papers_layout_and_the_hand_checked_numbers(experiment, 
     ("output_dir: o\n", "table1, table2: both empty"),
     ("output_dir: o\ntable1: {model: M}\n", "table1: expected a list of entries"),
     ("output_dir: [o\n", "not valid YAML"),
+    ("output_dir: o\ntable1: [{model: M, method: sft, dataset: d, cot: pcot, run_dir: r, eval_json: e, config: c}]\n",
+     "table1[0].eval_json: config trains run_dir; to fill eval_json, give commands"),
 ])
 def test_a_bad_experiment_config_is_one_line_and_exit_2(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

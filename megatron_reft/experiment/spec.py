@@ -130,6 +130,8 @@ def _check_table1(entry: Table1Entry, where: str) -> None:
         raise ExperimentError(f"{where}.commands: give config or commands, not both")
     if entry.config and not entry.run_dir:
         raise ExperimentError(f"{where}.run_dir: config needs the run directory it trains into")
+    if entry.config and entry.eval_json:  # the derived job writes run_dir's metrics, not an eval line
+        raise ExperimentError(f"{where}.eval_json: config trains run_dir; to fill eval_json, give commands")
 
 
 def _check_table2(entry: Table2Entry, where: str) -> None:
