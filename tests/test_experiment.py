@@ -65,7 +65,8 @@ def experiment(tmp_path):
     _eval_line(evals / "reft.jsonl", 0.6875, 0.75, rerank=0.8125)
     m = "Tiny"
     config = {"output_dir": str(tmp_path / "out"),
-              "table1": [{"model": m, "method": "reft", "dataset": "gsm8k", "cot": "pcot", "run_dir": str(runs / "reft")},
+              "table1": [{"model": m, "method": "reft", "dataset": "gsm8k", "cot": "pcot",
+                          "run_dir": str(runs / "reft")},
                          {"model": m, "method": "sft", "dataset": "gsm8k", "cot": "pcot", "run_dir": str(runs / "sft")},
                          {"model": m, "method": "offline-st", "dataset": "gsm8k", "cot": "pcot",
                           "run_dir": str(runs / "offline")},

@@ -99,7 +99,8 @@ def _build(cls, raw, where: str):
     fields = _fields(cls)
     unknown = sorted(set(raw) - (set(fields) - {"path"}))  # path: where the file was read, not a key
     if unknown:
-        raise ExperimentError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(k for k in fields if k != 'path')})")
+        known = ", ".join(k for k in fields if k != "path")
+        raise ExperimentError(f"{where}.{unknown[0]}: unknown key (known: {known})")
     from dataclasses import MISSING
 
     for name, f in fields.items():
