@@ -196,3 +196,19 @@ def test_run_trains_evaluates_and_tabulates_a_tiny_experiment(tmp_path):
     assert voting["label"] == "Tiny SFT + Voting@2" and voting["cells"]["synthetic/ncot"]["value"] == line["maj_at_k"]
     again = _cli(["--config", "e.yaml", "--run"], tmp_path)
     assert again.returncode == 0 and "experiment: running" not in again.stderr
+
+
+def test_shipped_experiment_files_parse_and_name_the_recipes_run_directories():
+    from megatron_reft.config import load_config
+    from megatron_reft.experiment.spec import load_experiment
+
+    recipe_of = {"sft": "sft-best", "offline-st": "offline-st", "online-st": "online-st", "reft": "ppo"}
+    for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
+        experiment = load_experiment(str(path))
+        for entry in experiment.table1 + experiment.table2:
+            assert entry.config is None or (REPO / entry.config).is_file(), (path.name, entry.config)
+    seven_b = load_experiment(str(REPO / "configs" / "experiments" / "codellama-7b.yaml"))
+    assert len(seven_b.table1) == 7 * 4  # every paper run × SFT, Offline-ST, Online-ST, ReFT
+    for e in seven_b.table1:
+        recipe = REPO / "configs" / f"codellama-7b_{e.dataset}_{e.cot}_{recipe_of[e.method]}.yaml"
+        assert load_config(recipe).trainer.output_dir == e.run_dir, recipe.name
