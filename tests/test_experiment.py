@@ -212,3 +212,19 @@ def test_shipped_experiment_files_parse_and_name_the_recipes_run_directories():
     for e in seven_b.table1:
         recipe = REPO / "configs" / f"codellama-7b_{e.dataset}_{e.cot}_{recipe_of[e.method]}.yaml"
         assert load_config(recipe).trainer.output_dir == e.run_dir, recipe.name
+
+
+def test_run_resolves_run_directories_to_their_latest_checkpoint(tmp_path):
+    from megatron_reft.experiment.cli import table2_commands
+    from megatron_reft.experiment.spec import Table2Entry
+
+    for run in ("ppo", "rm"):
+        (tmp_path / run / "checkpoints" / "step_7").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / "latest").write_text("step_7\n")
+    entry = Table2Entry(model="M", method="reft", dataset="gsm8k", cot="pcot", eval_json=str(tmp_path / "e.jsonl"),
+                        config="c.yaml", ckpt=str(tmp_path / "ppo"), samples=5,
+                        reranker=str(tmp_path / "rm" / "checkpoints"), overrides=["a.b=1"])
+    assert table2_commands(entry) == [[
+        "eval", "--config", "c.yaml", "--ckpt", str(tmp_path / "ppo" / "checkpoints" / "step_7"), "--samples", "5",
+        "--temperature", "1.0", "--out", str(tmp_path / "e.predictions.jsonl"),
+        "--reranker", str(tmp_path / "rm" / "checkpoints" / "step_7"), "a.b=1"]]

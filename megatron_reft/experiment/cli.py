@@ -29,6 +29,15 @@ def table1_commands(entry) -> list[list[str]]:
     return []
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A run directory or checkpoints/ directory means its latest checkpoint (as the sbatch
+    scripts' reft_resolve_checkpoint): the step an RM or PPO run ends at is rarely known upfront."""
+    for pointer in (Path(path) / "checkpoints" / "latest", Path(path) / "latest"):
+        if pointer.is_file():
+            return str(pointer.parent / pointer.read_text().strip())
+    return path
+
+
 def table2_commands(entry) -> list[list[str]]:
     """The eval --samples command line(s) whose JSON line is the entry's eval_json."""
     if entry.commands:
@@ -36,10 +45,10 @@ def table2_commands(entry) -> list[list[str]]:
     if not entry.config:
         return []
     predictions = str(Path(entry.eval_json).with_suffix("")) + ".predictions.jsonl"
-    command = ["eval", "--config", entry.config, "--ckpt", entry.ckpt, "--samples", str(entry.samples),
-               "--temperature", str(entry.temperature), "--out", predictions]
+    command = ["eval", "--config", entry.config, "--ckpt", resolve_checkpoint(entry.ckpt),
+               "--samples", str(entry.samples), "--temperature", str(entry.temperature), "--out", predictions]
     if entry.reranker:
-        command += ["--reranker", entry.reranker]
+        command += ["--reranker", resolve_checkpoint(entry.reranker)]
     return [command + list(entry.overrides)]
 
 
