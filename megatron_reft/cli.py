@@ -16,6 +16,7 @@ COMMANDS = {
     "score": ("megatron_reft.reward.cli", "score gold CoTs or model responses against answers"),
     "convert": ("megatron_reft.checkpoint.cli", "Hugging Face <-> Megatron checkpoint conversion"),
     "demo": ("megatron_reft.demo", "CPU quickstart: synthetic task -> SFT -> PPO -> eval"),
+    "experiment": ("megatron_reft.experiment.cli", "Tables 1 and 2 of the paper from run directories (--run: run the missing jobs)"),
     "report": ("megatron_reft.report", "plots and a markdown report from a run directory"),
     "data": ("megatron_reft.data.prepare", "check or prepare the paper recipes' data files (docs/data.md)"),
     "plan": ("megatron_reft.planning", "per-GPU memory plan for a config"),

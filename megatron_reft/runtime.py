@@ -30,8 +30,9 @@ def parse_job_args(argv, prog: str, description: str, extra=None):
     return parser.parse_args(argv)
 
 
-def load_and_validate(config_path, overrides, job: str) -> Config:
-    """Everything checkable without a process group, before one is made."""
+def load_and_validate(config_path, overrides, job: str, run_kind: str | None = None) -> Config:
+    """Everything checkable without a process group, before one is made. `run_kind`: whose
+    checkpoints an auto-resumed trainer.output_dir may hold (default: `job`)."""
     config = load_config(config_path, overrides)
     from megatron_reft import hub
 
@@ -48,8 +49,9 @@ def load_and_validate(config_path, overrides, job: str) -> Config:
     # same), so the batch-size rules still apply instead of failing later in the engine.
     world_size = world_size_from_env()
     validate(config, model, job=job, world_size=1 if world_size is None else world_size)
-    if job in ("sft", "ppo"):
-        check_run_dir_belongs_to(config, job)
+    kind = run_kind or job  # train-rm validates as sft, but its checkpoints are "rm" ones
+    if kind in ("sft", "ppo", "rm"):
+        check_run_dir_belongs_to(config, kind)
     return config
 
 

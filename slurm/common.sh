@@ -1,4 +1,5 @@
-# Shared body of the sbatch scripts (sft.sh, reft_ppo.sh, eval.sh, convert.sh); sourced, not run.
+# Shared body of the sbatch scripts (sft.sh, reft_ppo.sh, eval.sh, convert.sh, online_st.sh,
+# offline_st_data.sh, train_rm.sh); sourced, not run.
 #
 # What a job does, top to bottom (reft_launch):
 #   1. find the project and its Python (VENV, or a pyxis/enroot CONTAINER_IMAGE);
@@ -190,7 +191,7 @@ reft_seconds() {  # Slurm time (D-HH:MM:SS, HH:MM:SS, MM:SS) → seconds; empty 
 # Training stops itself (and checkpoints) REFT_STOP_MARGIN seconds before the time limit, so
 # the requeued job resumes from a fresh checkpoint; the USR1 signal is the backstop.
 reft_time_budget() {
-  [ "$REFT_KIND" = sft ] || [ "$REFT_KIND" = ppo ] || return 0
+  case "$REFT_KIND" in sft|ppo|online-st) ;; *) return 0 ;; esac  # the trainers that honour max_seconds
   [ -n "$(reft_override trainer.max_seconds)" ] && return 0
   local left
   left=$(reft_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null | head -n1)")
@@ -308,6 +309,24 @@ reft_report_failure() {
   echo "======================================================================" >&2
 }
 
+# Jobs that train to a planned end (metrics.jsonl + config.yaml); eval and sampling jobs finish
+# when their command does (a requeued sampling job resumes from its sample store).
+reft_is_training_kind() {
+  case "$REFT_KIND" in sft|ppo|online-st|rm) return 0 ;; *) return 1 ;; esac
+}
+
+# A run directory given as model.load → its latest checkpoint (reft_resolve_checkpoint).
+reft_resolve_load_override() {
+  local given resolved
+  given=$(reft_override model.load)
+  [ -n "$given" ] && [ "$given" != null ] || return 0
+  resolved=$(reft_resolve_checkpoint "$given")
+  if [ "$resolved" != "$given" ]; then
+    reft_set_override model.load "$resolved"
+    reft_log "model.load: $given -> $resolved"
+  fi
+}
+
 # Did the trainer reach its planned end (trainer.max_steps, else trainer.epochs)? Read from the
 # resolved config it wrote and the last line of metrics.jsonl; plain awk, no Python needed.
 reft_run_complete() {
@@ -335,7 +354,7 @@ reft_finish() {
     reft_report_failure
     exit "$REFT_SRUN_RC"
   fi
-  if [ "$REFT_NEEDS_CONFIG" = 1 ] && [ "$REFT_KIND" != eval ] && ! reft_run_complete; then
+  if [ "$REFT_NEEDS_CONFIG" = 1 ] && reft_is_training_kind && ! reft_run_complete; then
     local before=$REFT_CKPT_AT_START after
     after=$(reft_latest_checkpoint)
     if [ "$after" = "$before" ]; then
@@ -349,7 +368,7 @@ reft_finish() {
 }
 
 # ---------------------------------------------------------------- entry point
-# Callers set REFT_KIND (sft|ppo|eval|convert), REFT_SCRIPT, REFT_NEEDS_CONFIG (1|0),
+# Callers set REFT_KIND (sft|ppo|online-st|rm|offline-st-data|eval|convert), REFT_SCRIPT, REFT_NEEDS_CONFIG (1|0),
 # REFT_PLAN_JOB (job name for the memory plan, or empty) and REFT_COMMAND (array: the command
 # after "python -m megatron_reft.cli"); REFT_PREPARE (a function name) may edit arguments.
 reft_launch() {

@@ -127,6 +127,12 @@ def test_every_readme_command_runs_in_order(readme_run):
     assert "![tiny_cpu_ppo]" in (work / "runs/tiny_cpu_ppo/report/report.md").read_text()
     score = next(p for argv, p in outputs if argv[1] == "score")
     assert '"ok"' in score.stdout
+    # the tables command (docs/experiment.md): every README run has its number, voting@8 was run by --run
+    tables = json.loads((work / "runs/experiment_tiny/tables.json").read_text())
+    assert [r["label"] for r in tables["table1"]["rows"]] == ["Tiny SFT", "Tiny Online Self-Training", "Tiny ReFT"]
+    assert all(r["cells"]["synthetic/ncot"]["value"] is not None for r in tables["table1"]["rows"])
+    assert tables["table2"]["rows"][0]["label"] == "Tiny SFT + Voting@8"
+    assert tables["table2"]["rows"][0]["cells"]["synthetic/ncot"]["value"] is not None
 
 
 def test_ppo_refuses_a_run_dir_holding_sft_checkpoints(readme_run):

@@ -116,3 +116,56 @@ def test_scale_out_layouts_span_nodes_and_use_gqa_where_the_model_has_it(tmp_pat
         assert config.parallel.use_distributed_optimizer
         if model != "codellama-13b":
             assert arch.num_query_groups < arch.num_attention_heads  # grouped-query attention
+
+
+# ---------------------------------------------------------------- the baselines (issue 13)
+BASELINES = ("sft-best", "offline-st", "online-st", "rm")
+BASELINE_RECIPES = [f"{m}_{d}_{c}_{b}.yaml" for m in PAPER_MODELS for d, c in PAPER_RUNS for b in BASELINES]
+
+
+def _baseline_job(name: str) -> str:
+    return "ppo" if name.endswith("_online-st.yaml") else "sft"
+
+
+def _load_baseline(name: str, tmp_path: Path):
+    """load_recipe, with the eval file (often inherited) also replaced by the stand-in."""
+    return load_recipe(name, tmp_path, f"data.eval_file={tmp_path / 'data.json'}")
+
+
+def test_every_paper_run_has_its_baseline_recipes():
+    present = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert set(BASELINE_RECIPES) <= present, sorted(set(BASELINE_RECIPES) - present)
+
+
+@pytest.mark.parametrize("name", BASELINE_RECIPES)
+def test_baseline_recipes_pass_validation_on_their_planned_gpus(name, tmp_path):
+    config, model = _load_baseline(name, tmp_path)
+    validate(config, model, job=_baseline_job(name), world_size=config.parallel.planned_world_size)
+
+
+@pytest.mark.parametrize("name", BASELINE_RECIPES)
+def test_baseline_recipes_carry_the_papers_settings(name, tmp_path):
+    """reft.md §6, value by value, on top of the run's SFT / PPO recipe."""
+    model, dataset, cot, method = Path(name).stem.split("_")
+    raw = load_config(CONFIGS / name)
+    config, _ = _load_baseline(name, tmp_path)
+    o, t, d = config.optim, config.trainer, config.data
+    assert d.cot_type == cot and config.model.dtype == "bf16"
+    warm_up, schedule = _paper_sft_epochs(model, dataset, cot)
+    if method == "sft-best":  # the whole 40-epoch run, evaluated every epoch, warm-up epoch kept
+        assert (t.epochs, o.planned_epochs, o.lr, t.eval_accuracy) == (schedule, schedule, 1e-5, True)
+        assert t.keep_epochs == [warm_up] and raw.data.eval_file == f"data/{dataset}_test_set.json"
+    elif method == "offline-st":  # SFT from the BASE model, 20 epochs, lr 1e-5, on the sampled file
+        assert (t.epochs, o.planned_epochs, o.lr, o.schedule) == (20, 20, 1e-5, "linear")
+        assert raw.model.load == f"ckpt/{model}" and raw.data.train_file.endswith("_offline-st-data/train.jsonl")
+        assert raw.data.eval_file == f"data/{dataset}_test_set.json"
+    elif method == "online-st":  # ReFT's loop and settings, no KL
+        ppo = load_config(CONFIGS / name.replace("_online-st", "_ppo")).ppo
+        assert config.ppo.kl_coef == 0.0 and (o.lr, t.epochs) == (3e-7, 300)
+        assert (config.ppo.rollout_batch_size, config.ppo.ppo_epochs, config.ppo.temperature) == \
+            (ppo.rollout_batch_size, ppo.ppo_epochs, ppo.temperature)
+        assert raw.model.load == f"ckpt/{model}_{dataset}_{cot}_sft"
+    else:  # rm: from the SFT checkpoint, lr 1e-6, 3 epochs, length 700
+        assert (o.lr, t.epochs, o.planned_epochs, d.max_total_length) == (1e-6, 3, 3, 700)
+        assert raw.model.load == f"ckpt/{model}_{dataset}_{cot}_sft"
+    assert t.output_dir == f"runs/{Path(name).stem}"

@@ -243,3 +243,35 @@ def test_requeue_fail_fast_and_resume(slurm_env, sft_job, ppo_job):
         for key in ("reward_mean", "response_length", "kl", "policy_loss", "value_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
 
+
+
+def test_baseline_scripts_run_on_cpu(slurm_env, sft_job):
+    """online_st.sh, offline_st_data.sh and train_rm.sh (issue 13) from the SFT run, 2 ranks each."""
+    sft_run, root = sft_job[2], runs_root(slurm_env)
+    sft_ckpt = sft_run / "checkpoints" / "step_4"
+    job, rc = run_job(slurm_env, CPU + ["slurm/online_st.sh", "configs/tiny_cpu.yaml", f"model.load={sft_run}",
+                                        "trainer.max_steps=2", "ppo.ppo_epochs=1"] + PPO_ARGS[2:])
+    assert rc == 0, batch_log(slurm_env, job)[-3000:]
+    assert f"model.load: {sft_run} -> {sft_ckpt}" in batch_log(slurm_env, job)
+    online = root / f"tiny_cpu-online-st-{job}"
+    assert [m["step"] for m in metrics(online)] == [1, 2] and latest(online) == "step_2"
+    assert "memory plan: ppo" in batch_log(slurm_env, job)
+
+    small = ["data.synthetic_train_items=8", "trainer.progress_bar=false"]
+    job, rc = run_job(slurm_env, CPU + ["slurm/offline_st_data.sh", "configs/tiny_cpu.yaml", "--samples", "2",
+                                        "ppo.generation_micro_batch=8", "data.max_total_length=128"] + small,
+                      extra_env={"CKPT": str(sft_run)})
+    assert rc == 0, batch_log(slurm_env, job)[-3000:]
+    data_run = root / f"tiny_cpu-offline-st-data-{job}"
+    stored = [json.loads(line) for f in sorted((data_run / "train.jsonl.samples").glob("rank*.jsonl"))
+              for line in f.read_text().splitlines()]
+    assert sorted(x["id"] for x in stored) == sorted({x["id"] for x in stored}) and len(stored) == 8
+    assert len(list((data_run / "train.jsonl.samples").glob("rank*.jsonl"))) == 2  # one file per DP rank
+
+    job, rc = run_job(slurm_env, CPU + ["slurm/train_rm.sh", "configs/tiny_cpu.yaml", f"model.load={sft_run}",
+                                        "--samples-dir", str(data_run / "train.jsonl.samples"), "trainer.epochs=1",
+                                        "trainer.global_batch_size=8", "data.max_total_length=256"] + small)
+    assert rc == 0, batch_log(slurm_env, job)[-3000:]
+    rm_run = root / f"tiny_cpu-rm-{job}"
+    assert [m["step"] for m in metrics(rm_run)] == [1, 2] and latest(rm_run) == "step_2"  # 16 samples / 8
+    assert f"done: {rm_run}" in batch_log(slurm_env, job)

@@ -89,3 +89,76 @@ def test_run_directory_names(tmp_path, job_name, config, kind, expected):
                  'REFT_CONFIG=/repo/c.yaml REFT_OVERRIDES=(); reft_pick_run_dir; echo "$RUN_DIR"',
                  env={"SLURM_JOB_ID": "43", "RUN_DIR": str(run_dir)})
     assert again.stdout == str(run_dir) and (run_dir / "logs" / "job43.0").is_dir()
+
+
+# ---------------------------------------------------------------- the baselines' scripts (issue 13)
+def _dry_launch(tmp_path: Path, script: str, args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run slurm/<script> up to the point where it would start ranks: REFT_HOME points at a stub
+    common.sh that sources the real one and replaces reft_launch by "parse, pick the run
+    directory, prepare, print what would run"."""
+    stub = tmp_path / "home" / "slurm"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "common.sh").write_text(
+        f'. "{COMMON}"\n'
+        'reft_launch() {\n  reft_parse_args "$@"; reft_pick_run_dir >/dev/null\n'
+        '  [ -n "${REFT_PREPARE:-}" ] && "$REFT_PREPARE" >/dev/null\n'
+        '  echo "$REFT_KIND|$REFT_PLAN_JOB|${REFT_COMMAND[*]}|${REFT_FLAGS[*]}|${REFT_OVERRIDES[*]}"\n'
+        '  reft_is_training_kind && echo training || echo finishes-when-done\n}\n')
+    script_path = COMMON.parent / script
+    return subprocess.run(["bash", "-c", f'cd "{tmp_path}"; bash "{script_path}" {args}'], capture_output=True,
+                          text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "REFT_HOME": str(tmp_path / "home"),
+                                                      "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": script,
+                                                      "RUNS_ROOT": str(tmp_path / "runs"), **(env or {})})
+
+
+def _sft_run(tmp_path: Path) -> Path:
+    ckpts = tmp_path / "sft_run" / "checkpoints"
+    (ckpts / "step_9").mkdir(parents=True)
+    (ckpts / "latest").write_text("step_9\n")
+    (tmp_path / "c.yaml").write_text("{}\n")
+    return ckpts.parent
+
+
+@pytest.mark.parametrize("script, kind, plan, command", [
+    ("online_st.sh", "online-st", "ppo", "online-st"),
+    ("train_rm.sh", "rm", "sft", "train-rm"),
+])
+def test_online_st_and_reward_model_scripts_resolve_a_run_directory_as_model_load(tmp_path, script, kind, plan,
+                                                                                   command):
+    from megatron_reft.cli import COMMANDS
+
+    sft = _sft_run(tmp_path)
+    result = _dry_launch(tmp_path, script, f"c.yaml model.load={sft} --samples-dir s")
+    assert result.returncode == 0, result.stderr
+    line, mode = result.stdout.splitlines()[-2:]
+    run_dir = tmp_path / "runs" / f"c-{kind}-42"
+    assert line == (f"{kind}|{plan}|{command}|--samples-dir s|trainer.output_dir={run_dir} "
+                    f"model.load={sft}/checkpoints/step_9")
+    assert command in COMMANDS and mode == "training"  # finished = reached trainer.epochs (reft_run_complete)
+
+
+def test_offline_st_data_script_takes_the_checkpoint_and_writes_into_its_run_directory(tmp_path):
+    sft = _sft_run(tmp_path)
+    result = _dry_launch(tmp_path, "offline_st_data.sh", "c.yaml --samples 100", env={"CKPT": str(sft)})
+    assert result.returncode == 0, result.stderr
+    line, mode = result.stdout.splitlines()[-2:]
+    run_dir = tmp_path / "runs" / "c-offline-st-data-42"
+    ckpt = f"{sft}/checkpoints/step_9"
+    assert line == (f"offline-st-data|eval|offline-st-data|--samples 100 --ckpt {ckpt} --out {run_dir}/train.jsonl|"
+                    f"trainer.output_dir={run_dir} model.load={ckpt}")
+    assert mode == "finishes-when-done"  # no metrics.jsonl: a requeue resumes from the sample store
+    given_out = _dry_launch(tmp_path, "offline_st_data.sh", f"c.yaml --ckpt {sft} --out x.jsonl")
+    assert f"--out x.jsonl --ckpt {ckpt}|" in given_out.stdout
+    missing = _dry_launch(tmp_path, "offline_st_data.sh", "c.yaml")
+    assert missing.returncode == 2 and "needs the warm-up checkpoint" in missing.stderr
+
+
+def test_every_sbatch_script_parses_and_runs_a_real_command():
+    from megatron_reft.cli import COMMANDS
+
+    for script in sorted(COMMON.parent.glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
+        text = script.read_text()
+        if script.name != "common.sh":
+            command = text.split("REFT_COMMAND=(", 1)[1].split(")", 1)[0].split()[0]
+            assert command in COMMANDS, (script.name, command)

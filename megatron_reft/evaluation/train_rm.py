@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     args = runtime.parse_job_args(argv, "train-rm", "Reward model for reranking (reft.md §6).", extra)
     if not Path(args.samples_dir).is_dir():
         raise runtime.ConfigError(f"--samples-dir: not a directory: {args.samples_dir}")
-    config = runtime.load_and_validate(args.config, args.overrides, job="sft")
+    config = runtime.load_and_validate(args.config, args.overrides, job="sft", run_kind="rm")
     if config.model.load is None:
         raise runtime.ConfigError("model.load: the reward model is initialised from the SFT or ReFT checkpoint")
     run(config, args.samples_dir)
