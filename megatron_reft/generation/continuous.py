@@ -24,6 +24,9 @@ from __future__ import annotations
 import torch
 
 ADMIT_GROUP = 1 / 8  # refill once this fraction of the slots (or the whole queue) is free
+# Shift as soon as the oldest running row started this many slots in: every decode step attends
+# to (and megatron re-rotates) the cache up to the write slot, so a short prefix is cheaper.
+SHIFT_AT = 16
 
 
 def continuous_cache_length(batch) -> int:
@@ -81,12 +84,12 @@ def shift_cache(batch, slot: int, context) -> int:
     """If the next write (cache slot `slot - 1`) would fall off the cache, move every row's slots
     left by the oldest running row's start; returns the new `slot`."""
     size = context.max_sequence_length
-    if slot <= size:
-        return slot
     active = batch.active
     running = active[~batch.done[active]]
     # Nothing running (all rows await successors): keep room for the longest prompt.
     shift = int(batch.start[running].min()) if len(running) else slot - size // 2
+    if slot <= size and shift < SHIFT_AT:
+        return slot
     assert shift > 0, "cache shorter than a sequence"  # continuous_cache_length prevents this
     for layer, (keys, values) in context.key_value_memory_dict.items():
         keys[:size - shift] = keys[shift:].clone()
