@@ -153,3 +153,45 @@ def test_bad_arguments_rejected():
         response_limits([[1, 2]], GREEDY, caps=[1, 2])
     with pytest.raises(ValueError, match="cap 0"):
         response_limits([[1, 2]], GREEDY, caps=[0])
+
+
+def _ppo_worker(rank, world, out_dir):
+    from pathlib import Path
+
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed.init import shutdown
+    from megatron_reft.rl.trainer import PPOTrainer
+
+    torch.set_num_threads(1)
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(str(repo / "configs" / "tiny_cpu.yaml"), [
+        f"trainer.output_dir={out_dir}", "trainer.max_steps=1", "trainer.eval_interval=1000",
+        "trainer.progress_bar=false", "trainer.tensorboard=false", "data.synthetic_train_items=16",
+        "data.synthetic_eval_items=4", "ppo.rollout_batch_size=6", "trainer.micro_batch_size=2",
+        "data.max_total_length=48", "ppo.generation_micro_batch=2", "ppo.continuous_batching=true"])
+    trainer = PPOTrainer(config)
+    trainer.train()
+    records, texts = trainer.last_rollout
+    shutdown()
+    return len(texts)
+
+
+def test_ppo_step_with_continuous_batching(tmp_path):
+    # 6 rollouts through 2 decode slots: the trainer's one-queue path end to end.
+    assert run_distributed(_ppo_worker, 1, str(tmp_path), init_process_group=False, timeout_s=300)[0] == 6
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_plan_counts_the_doubled_cache():
+    from megatron_reft.config import load_config
+    from megatron_reft.models.families import model_config_from_preset
+    from megatron_reft.planning import make_plan
+
+    model = model_config_from_preset("tiny-llama")
+    kv = {}
+    for flag in ("false", "true"):
+        config = load_config(None, ["ppo.rollout_batch_size=8", "ppo.generation_micro_batch=2",
+                                    f"ppo.continuous_batching={flag}"])
+        items = make_plan(config, model, "ppo", 1).phases["rollout"]
+        kv[flag] = next(i for i in items if i.name == "KV cache")
+    assert kv["true"].bytes == 2 * kv["false"].bytes
