@@ -248,6 +248,7 @@ def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
     mask = None
     if context is not None:
         context.sequence_len_offset = begin
+        context.row_positions = None  # RoPE by cache slot (= every row's position here)
         if begin > 0:
             context.enable_decode_mode()
     return stage.last_logits(tokens, positions, mask, context)
@@ -266,6 +267,7 @@ def _forward_own_slots(stage: StageRunner, batch: _Batch, end: int, context):
     positions = fed.unsqueeze(1)
     hidden = torch.arange(end, device=tokens.device) < batch.start[rows].unsqueeze(1)
     context.sequence_len_offset = end - 1
+    context.row_positions = fed  # read by the llama SDPA spec's attention (models/sdpa_attention.py)
     context.enable_decode_mode()
     return stage.last_logits(tokens, positions, hidden[:, None, None, :], context)
 
