@@ -268,10 +268,13 @@ def _training_items(config, model, layout: Layout, seq: int, micro: int, microba
                  f"{min(seq * micro, chunk)} tokens × V/TP={model.padded_vocab_size(layout.tp) // layout.tp}")]
 
 
-def _generation_items(config, model, layout: Layout, prompts: int, attention: str) -> list:
+def _generation_items(config, model, layout: Layout, prompts: int, attention: str, cache_factor: int = 1) -> list:
+    """`cache_factor` 2: continuous batching keeps 2 × max_total_length slots per row
+    (generation/continuous.py: rows shift left when the cache end is reached)."""
     d, a = config.data, _weight_bytes(config)
-    return [Item("KV cache", kv_cache_bytes(model, layout, d.max_total_length, prompts, a),
-                 f"{prompts} prompts × {d.max_total_length} tokens × "
+    slots = cache_factor * d.max_total_length
+    return [Item("KV cache", kv_cache_bytes(model, layout, slots, prompts, a),
+                 f"{prompts} prompts × {slots} tokens × "
                  f"{max(1, model.num_query_groups // layout.tp)} KV heads/rank"),
             Item("prefill working set", prefill_bytes(model, layout.tp, d.max_prompt_length, prompts, a, attention),
                  f"one layer, {prompts} × {d.max_prompt_length} prompt tokens")]
@@ -297,8 +300,10 @@ def make_plan(config, model, job: str, world_size: int | None = None, *, attenti
         if not ppo.ref_offload:
             plan.resident.append(Item("reference model (frozen)", params * _weight_bytes(config),
                                       "bf16 copy of the policy"))
-        prompts = ppo.generation_micro_batch or max(1, ppo.rollout_batch_size // layout.dp)
-        plan.phases["rollout"] = _generation_items(config, model, layout, prompts, attention)
+        per_rank = max(1, ppo.rollout_batch_size // layout.dp)
+        prompts = ppo.generation_micro_batch or per_rank
+        continuous = ppo.continuous_batching and prompts < per_rank
+        plan.phases["rollout"] = _generation_items(config, model, layout, prompts, attention, 2 if continuous else 1)
         mini = (ppo.mini_batch_size or ppo.rollout_batch_size) // layout.dp
         plan.phases["update"] = _training_items(config, model, layout, config.data.max_total_length,
                                                 t.micro_batch_size, mini // t.micro_batch_size, attention)

@@ -139,6 +139,7 @@ class PPOSection:
     ref_offload: bool = False  # keep the reference model on CPU between uses
     logprob_chunk_tokens: int = 4096  # tokens per fp32 vocab-parallel logits chunk
     generation_micro_batch: Optional[int] = None  # prompts decoded together; None: all of this rank's
+    continuous_batching: bool = False  # with generation_micro_batch: one queue, finished rows refilled
 
 
 @dataclass

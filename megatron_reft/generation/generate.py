@@ -14,6 +14,11 @@ batches if that spread is large.
 The KV cache is megatron-core's `StaticInferenceContext` (the attention layers write into it
 themselves). Finished sequences are dropped from the batch (cache rows reordered) once a
 quarter of the batch is finished, so they stop costing compute.
+
+Continuous batching (`slots=` fewer than the prompts; generation/continuous.py): the batch holds
+`slots` cache rows; a waiting prompt is admitted into a finished sequence's row while the others
+keep decoding, so the decode batch stays full until the queue drains. Each sequence then has its
+own start slot in the cache (`_Batch.start`); its tokens are addressed in its own coordinates.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_reft.generation.continuous import admit_waiting, continuous_cache_length, shift_cache
 from megatron_reft.generation.sampling import SamplingParams, next_tokens
 from megatron_reft.generation.stages import StageRunner
 
@@ -40,14 +46,25 @@ class GenerationOutput:
     # produced a response token (the rest: rows still feeding their prompt, or finished rows
     # kept until the next compaction).
     decode_row_steps: int = 0
+    # Decode slots the batch was sized for, summed over decode steps (its starting width per
+    # step, `slots` with continuous batching): rows not computed after a compaction are idle slots.
+    decode_slot_steps: int = 0
 
     @property
     def decode_utilisation(self) -> float:
         return self.num_generated_tokens / self.decode_row_steps if self.decode_row_steps else 0.0
 
+    @property
+    def slot_occupancy(self) -> float:
+        return self.num_generated_tokens / self.decode_slot_steps if self.decode_slot_steps else 0.0
 
-def response_limits(prompts: list[list[int]], params: SamplingParams, max_positions: int | None = None) -> list[int]:
-    """Per prompt: how many response tokens it may get (reft.md §5 limits)."""
+
+def response_limits(prompts: list[list[int]], params: SamplingParams, max_positions: int | None = None,
+                    caps: list[int] | None = None) -> list[int]:
+    """Per prompt: how many response tokens it may get (reft.md §5 limits; `caps`: a further
+    per-prompt cap, e.g. benchmarks replaying realistic response lengths)."""
+    if caps is not None and len(caps) != len(prompts):
+        raise ValueError(f"{len(caps)} response caps for {len(prompts)} prompts")
     limits = []
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -58,6 +75,10 @@ def response_limits(prompts: list[list[int]], params: SamplingParams, max_positi
             raise ValueError(f"prompt {i}: {len(prompt)} tokens leave no room under "
                              f"max_total_length {params.max_total_length}")
         limit = min(params.max_new_tokens, params.max_total_length - len(prompt))
+        if caps is not None:
+            if caps[i] < 1:
+                raise ValueError(f"prompt {i}: response cap {caps[i]} < 1")
+            limit = min(limit, caps[i])
         if max_positions is not None and len(prompt) + limit - 1 > max_positions:
             raise ValueError(f"prompt {i}: {len(prompt)} + {limit} tokens exceed the model's "
                              f"{max_positions} learned positions")
@@ -68,10 +89,13 @@ def response_limits(prompts: list[list[int]], params: SamplingParams, max_positi
 class _Batch:
     """Token buffer and per-sequence state; identical on every rank (driven by shared tokens).
 
-    `rows[:n]` are the sequences (original indices) in the model's batch, in KV-cache row order.
+    `rows[:n]` are the sequences (original indices) in the model's batch, in KV-cache row order;
+    `waiting` the sequences not yet admitted (continuous batching). A sequence's slot j sits at
+    cache slot `start + j` (start 0 for every sequence of the first batch).
     """
 
-    def __init__(self, prompts: list[list[int]], limits: list[int], eos_id: int, stops_at_eos: bool, device):
+    def __init__(self, prompts: list[list[int]], limits: list[int], eos_id: int, stops_at_eos: bool, device,
+                 slots: int | None = None):
         b = len(prompts)
         self.lens = torch.tensor([len(p) for p in prompts], device=device)
         self.ends = self.lens + torch.tensor(limits, device=device)  # one past the last slot
@@ -82,31 +106,41 @@ class _Batch:
         self.generated = torch.zeros(b, dtype=torch.long, device=device)
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
         self.hit_eos = torch.zeros(b, dtype=torch.bool, device=device)
-        self.rows = torch.arange(b, device=device)
-        self.n = b
+        self.start = torch.zeros(b, dtype=torch.long, device=device)
+        self.width = b if slots is None else min(b, slots)  # cache rows
+        self.rows = torch.arange(self.width, device=device)
+        self.n = self.width
+        self.waiting = list(range(self.width, b))
         self.row_steps = 0  # rows computed, summed over decode steps
+        self.slot_steps = 0  # cache rows available, summed over decode steps
         self.eos_id, self.stops_at_eos = eos_id, stops_at_eos
 
     @property
     def active(self) -> torch.Tensor:
         return self.rows[:self.n]
 
+    def local(self, slot: int) -> torch.Tensor:
+        """Each active row's own slot for cache slot `slot`."""
+        return slot - self.start[self.active]
+
     def accept(self, sampled: torch.Tensor, slot: int) -> None:
-        """Token choice for `slot` of the active rows; rows still in their prompt keep theirs."""
-        rows = self.active
-        writing = (self.lens[rows] <= slot) & ~self.done[rows]
-        rows, tok = rows[writing], sampled[writing]
-        self.tokens[rows, slot] = tok
+        """Token choice for cache slot `slot` of the active rows; rows still in their prompt keep theirs."""
+        rows, local = self.active, self.local(slot)
+        writing = (self.lens[rows] <= local) & ~self.done[rows]
+        rows, tok, local = rows[writing], sampled[writing], local[writing]
+        self.tokens[rows, local] = tok
         self.generated[rows] += 1
         eos = (tok == self.eos_id) & self.stops_at_eos
         self.hit_eos[rows] |= eos
-        self.done[rows] |= eos | (slot + 1 >= self.ends[rows])
+        self.done[rows] |= eos | (local + 1 >= self.ends[rows])
 
     def all_done(self) -> bool:
         return bool(self.done.all())
 
     def compact(self, context) -> None:
         """Move still-running rows to the front of the batch (and of the KV cache)."""
+        if self.waiting:  # continuous batching refills finished rows in place instead
+            return
         keep = ~self.done[self.active]
         n_keep = int(keep.sum())
         if n_keep >= COMPACT_WHEN_ACTIVE_BELOW * self.n:
@@ -121,12 +155,14 @@ class _Batch:
         lens, counts = self.lens.tolist(), self.generated.tolist()
         rows = self.tokens.tolist()
         tokens = [row[s:s + c] for row, s, c in zip(rows, lens, counts)]
-        return GenerationOutput(tokens, self.hit_eos.tolist(), sum(counts), seconds, self.row_steps)
+        return GenerationOutput(tokens, self.hit_eos.tolist(), sum(counts), seconds, self.row_steps,
+                                self.slot_steps)
 
 
 @torch.no_grad()
 def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingParams,
-             seed: int | None = None, *, use_cache: bool = True, progress: bool = False) -> GenerationOutput:
+             seed: int | None = None, *, use_cache: bool = True, progress: bool = False,
+             slots: int | None = None, response_caps: list[int] | None = None) -> GenerationOutput:
     """Sample a response for every prompt with this rank's model chunk (`engine.gpt`).
 
     Call on every rank of the model-parallel group with the same prompts; every rank returns
@@ -134,19 +170,29 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     different seeds). Same seed, prompts and parallel layout → same samples. `seed=None`
     samples from torch's global generator. `use_cache=False` recomputes the whole sequence at
     every step (the reference the cache is tested and benchmarked against).
+
+    `slots` (continuous batching): decode at most this many sequences at once and admit waiting
+    prompts into the rows of finished ones (KV cache sized by `slots`, not by the prompts). Greedy
+    tokens equal the static engine's; sampled tokens are reproducible for the same seed and
+    `slots` but not the static engine's draws (rows share one generator in batch order).
+    `response_caps`: per-prompt caps on the response length (on top of `params`).
     """
+    if slots is not None and slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if slots is not None and not use_cache:
+        raise ValueError("continuous batching (slots=) needs the KV cache (use_cache=True)")
     start = time.perf_counter()
     if not prompts:
         return GenerationOutput([], [], 0, 0.0)
     model_cfg = engine.model_config
     max_positions = model_cfg.max_position_embeddings if model_cfg.family == "opt" else None
-    limits = response_limits(prompts, params, max_positions)
+    limits = response_limits(prompts, params, max_positions, response_caps)
     gpt = engine.gpt
     was_training = gpt.training
     gpt.eval()
     try:
         stage = StageRunner(gpt, model_cfg.vocab_size)
-        batch = _Batch(prompts, limits, eos_id, params.stops_at_eos, stage.device)
+        batch = _Batch(prompts, limits, eos_id, params.stops_at_eos, stage.device, slots)
         generator = None
         if seed is not None and stage.is_sampler:
             generator = torch.Generator(device=stage.device).manual_seed(seed)
@@ -162,13 +208,15 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
             progress: bool) -> None:
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    slot = int(batch.lens.min())  # the slot whose token the next logits choose
-    total = int(batch.ends.max())
-    context = StaticInferenceContext(len(batch.rows), total) if use_cache else None
-    bar = _progress_bar(total - slot, progress)
+    slot = int(batch.lens[batch.active].min())  # the cache slot whose token the next logits choose
+    continuous = bool(batch.waiting)
+    total = continuous_cache_length(batch) if continuous else int(batch.ends.max())
+    context = StaticInferenceContext(batch.width, total) if use_cache else None
+    bar = _progress_bar(None if continuous else total - slot, progress)
     logits = _forward(stage, batch, 0, slot, context)  # prefill of the shared prompt prefix
     while True:
         batch.row_steps += batch.n
+        batch.slot_steps += batch.width
         sampled = next_tokens(logits, params, generator) if stage.is_sampler else None
         batch.accept(stage.share(sampled, batch.n), slot)
         slot += 1
@@ -176,6 +224,9 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
         if batch.all_done():
             break
         batch.compact(context)
+        if continuous:
+            slot = shift_cache(batch, slot, context)
+            admit_waiting(stage, batch, slot, context)
         if use_cache:
             logits = _forward(stage, batch, slot - 1, slot, context)
         else:
@@ -184,8 +235,12 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
 
 
 def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
-    """Feed slots [begin, end) of the active rows (begin > 0 only with a cache holding the rest)."""
-    tokens = batch.tokens[batch.active, begin:end]
+    """Feed cache slots [begin, end) of the active rows (begin > 0 only with a cache holding the rest)."""
+    rows = batch.active
+    starts = batch.start[rows]
+    if begin > 0 and bool(starts.any()):  # continuous batching: each row at its own slot
+        return _forward_own_slots(stage, batch, end, context)
+    tokens = batch.tokens[rows, begin:end]
     positions = torch.arange(begin, end, device=tokens.device).expand_as(tokens)
     # No mask tensor: the prefill (begin = 0, no padding before any real token — see the module
     # docstring) is plain causal attention, which the layer spec applies itself (SDPA: is_causal);
@@ -193,9 +248,28 @@ def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
     mask = None
     if context is not None:
         context.sequence_len_offset = begin
+        context.row_positions = None  # RoPE by cache slot (= every row's position here)
         if begin > 0:
             context.enable_decode_mode()
     return stage.last_logits(tokens, positions, mask, context)
+
+
+def _forward_own_slots(stage: StageRunner, batch: _Batch, end: int, context):
+    """One decode step where rows started at different cache slots: each row feeds its own
+    previous token at its own position and sees only its own cache slots (a mask hides what a
+    row's cache held before its sequence was admitted). RoPE rotates by the cache slot, which
+    shifts a row's query and keys alike: attention scores depend only on their difference."""
+    rows = batch.active
+    local = batch.local(end)
+    # Finished rows awaiting a successor run on past their end: clamp, their outputs are unused.
+    fed = (local - 1).clamp(max=batch.tokens.shape[1] - 1)
+    tokens = batch.tokens[rows, fed].unsqueeze(1)
+    positions = fed.unsqueeze(1)
+    hidden = torch.arange(end, device=tokens.device) < batch.start[rows].unsqueeze(1)
+    context.sequence_len_offset = end - 1
+    context.row_positions = fed  # read by the llama SDPA spec's attention (models/sdpa_attention.py)
+    context.enable_decode_mode()
+    return stage.last_logits(tokens, positions, hidden[:, None, None, :], context)
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -43,6 +43,10 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = 
         from megatron_reft.models.sdpa_attention import SDPADotProductAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+        if model.family == "llama":  # RoPE: rotate each key once, as it enters the KV cache
+            from megatron_reft.models.sdpa_attention import rope_cached_self_attention
+
+            spec.submodules.self_attention.module = rope_cached_self_attention()
     return spec
 
 

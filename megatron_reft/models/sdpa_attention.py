@@ -80,3 +80,45 @@ class SDPADotProductAttention(DotProductAttention):
         # Several new tokens after a cached prefix: causal aligned to the end (bottom-right).
         allowed = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
         return allowed, False
+
+
+def rope_cached_self_attention():
+    """megatron's `SelfAttention` with RoPE applied to a key once, when it enters the static KV
+    cache, instead of to the whole cached key at every decode step (megatron-core 0.16.1's static
+    path caches raw keys and re-rotates all of them per step: O(sequence) work per token, ~20 % of
+    a CPU decode step at the quickstart shape). Rotation is elementwise, so the rotated keys are
+    the same numbers either way; queries are still rotated by `Attention.forward`.
+
+    Per-row positions (continuous batching, generation/continuous.py): when the context carries
+    `row_positions` (one position per row for a one-token step), the new key and the query of each
+    row are rotated by that row's own position instead of the cache slot."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+    from megatron.core.transformer.attention import SelfAttention
+
+    class RopeCachedSelfAttention(SelfAttention):
+        def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                            *args, **kwargs):
+            if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
+                    or not inference_context.is_static_batching()):
+                return super()._adjust_key_value_for_inference(inference_context, query, key, value,
+                                                               rotary_pos_emb, *args, **kwargs)
+            q_pos_emb, k_pos_emb = rotary_pos_emb
+            start = inference_context.sequence_len_offset
+            rows = getattr(inference_context, "row_positions", None)
+            if rows is not None and key.size(0) == 1:  # [b] positions -> [1, b, 1, dim] angles
+                k_pos_emb = q_pos_emb = k_pos_emb[rows].transpose(0, 1)
+            else:
+                q_pos_emb = q_pos_emb[start:start + query.size(0)]
+                k_pos_emb = k_pos_emb[start:start + key.size(0)]
+            key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config,
+                                       mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                       cp_group=self.pg_collection.cp)
+            query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, None, *args, **kwargs)
+            # The key is rotated already: forward rotates only the query (k_pos_emb None).
+            return query, key, value, (q_pos_emb, None), mask_type, block_table
+
+    return RopeCachedSelfAttention

@@ -164,11 +164,15 @@ class PPOTrainer:
         responses, finished = [], []
         with timer("generation"):
             self.policy.module.eval()
-            for start in range(0, len(prompts), chunk):
-                out = generate(self.policy, prompts[start:start + chunk], self.data.tokenizer.eos_id,
-                               params, seed=seed + 7919 * start)
-                responses += out.tokens
-                finished += out.finished
+            if p.continuous_batching and chunk < len(prompts):  # one queue through `chunk` slots
+                out = generate(self.policy, prompts, self.data.tokenizer.eos_id, params, seed=seed, slots=chunk)
+                responses, finished = out.tokens, out.finished
+            else:
+                for start in range(0, len(prompts), chunk):
+                    out = generate(self.policy, prompts[start:start + chunk], self.data.tokenizer.eos_id,
+                                   params, seed=seed + 7919 * start)
+                    responses += out.tokens
+                    finished += out.finished
         texts = [response_text(self.data.tokenizer, r, toks, d.cot_type, prompt)
                  for r, toks, prompt in zip(records, responses, prompts)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],

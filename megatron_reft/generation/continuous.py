@@ -1,0 +1,98 @@
+"""Continuous batching for the rollout engine on megatron-core 0.16.1's static KV cache.
+
+megatron's `StaticInferenceContext` has one write offset per batch (`sequence_len_offset`) and
+writes a contiguous range of rows, so a prompt cannot be prefilled into one row of a running
+batch directly. Three facts make admission possible anyway:
+
+- the cache stores keys *before* RoPE (the static path rotates the whole cached key by its cache
+  slot at every step), and a token's K/V depend on its position only relative to the tokens
+  before it — so a prompt prefilled on its own, from slot 0 of a small scratch context, yields
+  exactly the K/V it would have anywhere; we copy them into the freed row, right-aligned so that
+  the prompt's last token is the one the next batched decode step feeds;
+- during decoding each row feeds its own previous token at its own position, and a padding mask
+  hides the cache slots before its start (what the row's previous occupant left there);
+- when the write slot reaches the end of the cache, every row's slots move left by the oldest
+  running row's start (one copy per layer every ~max-sequence steps): RoPE scores depend on the
+  query-key distance only, learned positions are fed per row — so the cache needs twice the
+  longest sequence, not the whole schedule.
+
+Finished rows are refilled in groups (`ADMIT_GROUP`, a fraction of the slots) so that a prefill
+call serves several prompts; until then they run on as idle rows (counted in decode_row_steps).
+"""
+from __future__ import annotations
+
+import torch
+
+ADMIT_GROUP = 1 / 8  # refill once this fraction of the slots (or the whole queue) is free
+# Shift as soon as the oldest running row started this many slots in: every decode step attends
+# to (and megatron re-rotates) the cache up to the write slot, so a short prefix is cheaper.
+SHIFT_AT = 16
+
+
+def continuous_cache_length(batch) -> int:
+    """Cache slots: twice the longest prompt + response, so a shift frees ≥ one sequence's span."""
+    return 2 * int(batch.ends.max())
+
+
+def admit_waiting(stage, batch, slot: int, context) -> None:
+    """Admit waiting prompts (in order) into finished rows; the next decode step feeds each its
+    last prompt token at cache slot `slot - 1`."""
+    if not batch.waiting:
+        return
+    done = batch.done[batch.active].tolist()
+    free = [r for r, d in enumerate(done) if d] + list(range(batch.n, batch.width))
+    if len(free) < min(len(batch.waiting), max(1, round(ADMIT_GROUP * batch.width))):
+        return
+    take = []
+    for seq in batch.waiting:  # a prompt needs `len` cache slots before `slot`; keep queue order
+        if len(take) == len(free) or int(batch.lens[seq]) > slot:
+            break
+        take.append(seq)
+    if not take:
+        return
+    rows = free[:len(take)]
+    _prefill_rows(stage, batch, take, rows, slot, context)
+    batch.waiting = batch.waiting[len(take):]
+    take_t = torch.tensor(take, device=batch.rows.device)
+    batch.rows[torch.tensor(rows, device=batch.rows.device)] = take_t
+    batch.start[take_t] = slot - batch.lens[take_t]
+    batch.n = max(batch.n, max(rows) + 1)
+
+
+def _prefill_rows(stage, batch, seqs: list[int], rows: list[int], slot: int, context) -> None:
+    """All but the last prompt token of `seqs`, prefilled from slot 0 of a scratch context
+    (right-padded: causal attention never lets a real token see the padding), copied into cache
+    rows `rows` so that each prompt ends at cache slot `slot - 1`."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    lens = [int(batch.lens[s]) for s in seqs]
+    width = max(lens) - 1
+    if width == 0:
+        return  # one-token prompts: the decode step feeds their only token
+    tokens = batch.tokens[torch.tensor(seqs, device=batch.tokens.device), :width]
+    positions = torch.arange(width, device=tokens.device).expand_as(tokens)
+    scratch = StaticInferenceContext(len(seqs), width)
+    stage.last_logits(tokens, positions, None, scratch)
+    for layer, (keys, values) in scratch.key_value_memory_dict.items():
+        cache_keys, cache_values = context.key_value_memory_dict[layer]
+        for i, (row, n) in enumerate(zip(rows, lens)):
+            cache_keys[slot - n:slot - 1, row] = keys[:n - 1, i]
+            cache_values[slot - n:slot - 1, row] = values[:n - 1, i]
+
+
+def shift_cache(batch, slot: int, context) -> int:
+    """If the next write (cache slot `slot - 1`) would fall off the cache, move every row's slots
+    left by the oldest running row's start; returns the new `slot`."""
+    size = context.max_sequence_length
+    active = batch.active
+    running = active[~batch.done[active]]
+    # Nothing running (all rows await successors): keep room for the longest prompt.
+    shift = int(batch.start[running].min()) if len(running) else slot - size // 2
+    if slot <= size and shift < SHIFT_AT:
+        return slot
+    assert shift > 0, "cache shorter than a sequence"  # continuous_cache_length prevents this
+    for layer, (keys, values) in context.key_value_memory_dict.items():
+        keys[:size - shift] = keys[shift:].clone()
+        values[:size - shift] = values[shift:].clone()
+    batch.start[batch.rows] -= shift
+    return slot - shift
