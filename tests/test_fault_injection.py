@@ -133,6 +133,21 @@ def test_disk_full_writing_config_or_metrics_is_one_line_and_the_rerun_resumes(s
     assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in proc.stdout
     assert [m["step"] for m in metrics(out)] == [1, 2, 3] and latest(out) == "step_3"
 
+    # the run report (`megatron-reft report`) onto a full disk: one line, the previous report whole
+    import sys
+
+    report = [sys.executable, "-m", "megatron_reft.cli", "report", str(out), "--out", str(small_tmpfs / "report")]
+    assert run(report).returncode == 0
+    before = (small_tmpfs / "report" / "report.md").read_bytes()
+    for png in (small_tmpfs / "report").glob("*.png"):
+        png.unlink()  # rewritten first: the disk is full when it is
+    _fill(filler)
+    proc = run(report)
+    assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert "[Errno 28 ENOSPC] No space left on device" in proc.stderr and str(small_tmpfs / "report") in proc.stderr
+    assert (small_tmpfs / "report" / "report.md").read_bytes() == before
+    assert not list((small_tmpfs / "report").glob("*.tmp"))
+
 
 # ---------------------------------------------------------------- one job per run directory
 def test_second_job_on_a_run_directory_refuses_and_a_dead_holder_is_stale(tmp_path):

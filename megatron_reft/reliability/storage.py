@@ -17,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+# OSErrors that are the storage's fault, reported in one line (path + errno), not as a bug
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 OLD_SUFFIX = ".old"
