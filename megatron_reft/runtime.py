@@ -98,8 +98,6 @@ def exit_on_config_error(fn):
     return wrapper
 
 
-
-
 def _report(message: str) -> None:
     """Once per job: errors past start-up are agreed by all ranks, so rank 0 speaks for them."""
     if os.environ.get("MEGATRON_REFT_DEBUG") == "1":

@@ -20,7 +20,6 @@ import os
 import signal
 
 TEST_KILL_IN_SAVE_ENV = "MEGATRON_REFT_TEST_KILL_IN_SAVE"
-POINTS = ("shards", "renamed")
 
 
 def kill_point(point: str, checkpoint: str, rank: int) -> None:
