@@ -64,9 +64,14 @@ def reference(tmp_path_factory):
     return get
 
 
-def _rank_pids(launcher_pid: int) -> list[int]:
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{global rank: pid} of torchrun's workers (read from their RANK variable)."""
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
-    return sorted(int(p) for p in children.read_text().split()) if children.is_file() else []
+    ranks = {}
+    for pid in map(int, children.read_text().split() if children.is_file() else []):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks.update({int(v[5:]): pid for v in environ if v.startswith(b"RANK=")})
+    return ranks
 
 
 def _assert_ended_clean(job: subprocess.Popen, tag: str, killed_at: float, rank: int) -> None:
@@ -96,22 +101,24 @@ def _assert_resumes_bit_exact(job: str, layout: str, out: Path, reference: Path,
     return stdout
 
 
-@pytest.mark.parametrize("job,layout", [("sft", "pp2"), ("ppo", "tp2")])
-def test_kill_9_of_a_rank_during_training_leaves_nothing_and_resumes_bit_exact(tmp_path, reference, job, layout):
+# rank 0 of PPO: it holds the run lock, writes metrics and runs the reward sandbox's workers
+@pytest.mark.parametrize("job,layout,victim", [("sft", "pp2", 1), ("ppo", "tp2", 0)])
+def test_kill_9_of_a_rank_during_training_leaves_nothing_and_resumes_bit_exact(tmp_path, reference, job, layout,
+                                                                               victim):
     out, tag = tmp_path / "run", f"kill-{job}-{layout}-{tmp_path.name}"
     proc = _start(job, out, layout, 200 if job == "sft" else TARGET[job], tag)
     try:
         early = ("step_2", "step_3", "step_4") if job == "sft" else ("step_1", "step_2", "step_3")
         wait_for(lambda: latest(out) in early, 240, f"{early[0]} saved", proc)
         ranks = _rank_pids(proc.pid)
-        assert len(ranks) == 2
+        assert sorted(ranks) == [0, 1]
         started = len(tagged_pids(tag))
         assert started >= 3  # torchrun + 2 ranks (+ their helpers): what must be gone afterwards
         if job == "ppo":
             assert sandbox_pids(), "no sandbox worker running: the PPO case would test nothing"
         killed_at = time.monotonic()
-        os.kill(ranks[1], signal.SIGKILL)
-        _assert_ended_clean(proc, tag, killed_at, rank=1)
+        os.kill(ranks[victim], signal.SIGKILL)
+        _assert_ended_clean(proc, tag, killed_at, rank=victim)
     finally:
         kill_all(tag)
     resumed_from = latest(out)
