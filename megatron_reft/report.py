@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_reft.reliability.errors import EXIT_FAULT
+from megatron_reft.reliability.storage import STORAGE_ERRNOS, describe_failure, naming, write_text_durably
+
 PPO_PANELS = [("reward_mean", "reward (mean over rollout)"), ("accuracy", "training accuracy"),
               ("eval_accuracy", "held-out greedy accuracy"), ("kl", "KL to reference (per sequence)"),
               ("response_length", "response length (tokens)"), ("explained_variance", "value explained variance")]
@@ -70,14 +73,17 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, summary: dict 
         name = Path(run_dir).name
         is_ppo = any("reward_mean" in r for r in rows)
         png = out_dir / f"{name}.png"
-        if plot_panels(rows, PPO_PANELS if is_ppo else SFT_PANELS, f"{name} ({'PPO' if is_ppo else 'SFT'})", png):
+        title = f"{name} ({'PPO' if is_ppo else 'SFT'})"
+        with naming(png):  # a full disk names the file (matplotlib's failed write does not)
+            plotted = plot_panels(rows, PPO_PANELS if is_ppo else SFT_PANELS, title, png)
+        if plotted:
             lines += [f"## {name}", "", f"![{name}]({png.name})", ""]
         last = rows[-1]
         timing = {k: v for k, v in last.items() if k.startswith("time_")}
         if timing:
             lines += ["Last step's phase timings (s): " + ", ".join(f"{k[5:]} {v:.3g}" for k, v in timing.items()), ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_durably(path, "\n".join(lines) + "\n")  # a full disk leaves the previous report whole
     return path
 
 
@@ -91,7 +97,13 @@ def main(argv=None) -> int:
         if problem:
             print(f"megatron-reft report: {run_dir}: {problem}", file=sys.stderr)
             return 2
-    print(write_report(args.runs, args.out))
+    try:
+        print(write_report(args.runs, args.out))
+    except OSError as err:  # disk full, read-only: one line with the path and errno (docs/reliability.md)
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"megatron-reft report: {describe_failure(err, err.filename or args.out)}", file=sys.stderr)
+        return EXIT_FAULT
     return 0
 
 

@@ -4,7 +4,6 @@ resume from. Kept here so trainer files read as the algorithm."""
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from megatron_reft.config import (Config, ConfigError, ModelConfig, load_config, resolve_model_config,
                                   save_config, validate, world_size_from_env)
 from megatron_reft.distributed import init as dist_init
+from megatron_reft.reliability.storage import STORAGE_ERRNOS
 
 
 def parse_job_args(argv, prog: str, description: str, extra=None):
@@ -98,9 +98,6 @@ def exit_on_config_error(fn):
             _report(f"error: {describe_failure(err, err.filename or '.')}")
             return EXIT_FAULT
     return wrapper
-
-
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
 
 
 def _report(message: str) -> None:

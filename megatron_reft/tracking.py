@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_reft.reliability.storage import append_whole_lines, write_text_durably
+
 # Keys a PPO step reports about the rollout it trained on (everything else is train/).
 ROLLOUT_KEYS = {"reward_mean", "accuracy", "response_length", "kl", "kl_per_token", "entropy"}
 SYSTEM_KEYS = {"tokens_per_s", "tokens_per_s_per_device", "peak_memory_gib", "mfu"}
@@ -123,8 +125,7 @@ class MetricsLogger:
         if not self.due(metrics):
             return
         metrics.update(system_metrics(metrics, self.flops_per_token))
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_whole_lines(self.path, json.dumps(metrics) + "\n")  # disk full: nothing torn
         scalars = {tag_for(k): v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.writer is not None:
@@ -138,9 +139,8 @@ class MetricsLogger:
         """A few rollouts ({prompt, response, reward, extracted, ...}) as JSONL, TB text, W&B table."""
         if not self.active or not samples:
             return
-        with self.samples_path.open("a") as f:
-            for sample in samples:
-                f.write(json.dumps({"step": step, **sample}) + "\n")
+        append_whole_lines(self.samples_path, "".join(json.dumps({"step": step, **sample}) + "\n"
+                                                      for sample in samples))
         if self.writer is not None:
             self.writer.add_text("rollout/samples", samples_markdown(samples), step)
             self.writer.flush()
@@ -202,12 +202,22 @@ def samples_markdown(samples: list[dict]) -> str:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+    """On resume, drop lines logged after the checkpoint (they will be logged again), and a
+    torn line a crash may have left. Rewritten atomically, and only if something changes: a
+    full disk at start-up must not cost the metrics logged so far."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines if _logged_up_to(line, step)]
+    if kept != lines:
+        write_text_durably(path, "".join(kept))
+
+
+def _logged_up_to(line: str, step: int) -> bool:
+    try:
+        return json.loads(line).get("step", 0) <= step
+    except ValueError:  # not a whole JSON line: an interrupted write
+        return False
 
 
 # ---------------------------------------------------------------- Weights & Biases

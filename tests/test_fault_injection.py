@@ -75,6 +75,80 @@ def test_disk_full_reports_enospc_keeps_latest_and_rerun_resumes(small_tmpfs):
     assert latest(out) == "step_4" and [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
 
 
+def _fill(path: Path) -> None:
+    """Write zeros to `path` until the filesystem is full (ENOSPC)."""
+    with open(path, "ab", buffering=0) as f:
+        for chunk in (1 << 20, 4096):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError as err:
+                assert err.errno == 28, err
+
+
+def _one_line_enospc(proc, path: Path) -> str:
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0] == f"error: {path}: [Errno 28 ENOSPC] No space left on device", lines[0]
+    return lines[0]
+
+
+def test_disk_full_writing_config_or_metrics_is_one_line_and_the_rerun_resumes(small_tmpfs):
+    """Outside a save: config.yaml at start-up (one 4 KiB page free: enough for job.lock, not
+    for config.yaml), then metrics.jsonl mid-run (the disk filled while the job trains)."""
+    out = small_tmpfs / "run"
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+    base = ("trainer.keep_last=1", "trainer.eval_accuracy=false")
+    assert run(command("sft", out, "trainer.max_steps=2", "trainer.save_interval=1", *base)).returncode == 0
+    config_before, metrics_before = (out / "config.yaml").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    spare, filler = small_tmpfs / "spare", small_tmpfs / "filler"
+    spare.write_bytes(b"\0" * 4096)
+    _fill(filler)
+    spare.unlink()
+    proc = run(command("sft", out, "trainer.max_steps=3", *base))  # max_steps changed: config.yaml is rewritten
+    _one_line_enospc(proc, out / "config.yaml")
+    assert (out / "config.yaml").read_bytes() == config_before  # not half-written
+    assert (out / "metrics.jsonl").read_bytes() == metrics_before
+    assert not list(out.glob("*.tmp")) and not (out / "job.lock").exists()
+
+    filler.unlink()
+    tag = "metricsfull-" + small_tmpfs.parent.name
+    job = subprocess.Popen(command("sft", out, "trainer.max_steps=100000", "trainer.save_interval=100000", *base),
+                           cwd=REPO, env=env(tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(metrics(out)) >= 4, 180, "step 4 logged", job)
+        _fill(filler)  # the next metrics line that needs a new page fails
+        _, err = job.communicate(timeout=180)
+    finally:
+        kill_all(tag)
+    _one_line_enospc(subprocess.CompletedProcess(job.args, job.returncode, "", err), out / "metrics.jsonl")
+    logged = metrics(out)  # every line whole (json.loads of each)
+    assert len(logged) >= 4 and (out / "metrics.jsonl").read_text().endswith("\n")
+    assert latest(out) == "step_2"
+
+    filler.unlink()  # space again: resumes from step_2, the lines after it are logged anew
+    proc = run(command("sft", out, "trainer.max_steps=3", *base))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in proc.stdout
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and latest(out) == "step_3"
+
+    # the run report (`megatron-reft report`) onto a full disk: one line, the previous report whole
+    import sys
+
+    report = [sys.executable, "-m", "megatron_reft.cli", "report", str(out), "--out", str(small_tmpfs / "report")]
+    assert run(report).returncode == 0
+    before = (small_tmpfs / "report" / "report.md").read_bytes()
+    for png in (small_tmpfs / "report").glob("*.png"):
+        png.unlink()  # rewritten first: the disk is full when it is
+    _fill(filler)
+    proc = run(report)
+    assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert "[Errno 28 ENOSPC] No space left on device" in proc.stderr and str(small_tmpfs / "report") in proc.stderr
+    assert (small_tmpfs / "report" / "report.md").read_bytes() == before
+    assert not list((small_tmpfs / "report").glob("*.tmp"))
+
+
 # ---------------------------------------------------------------- one job per run directory
 def test_second_job_on_a_run_directory_refuses_and_a_dead_holder_is_stale(tmp_path):
     out, tag = tmp_path / "shared", "lock-" + tmp_path.name

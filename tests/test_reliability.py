@@ -23,7 +23,7 @@ from megatron_reft.models.families import ModelConfig, as_dict
 from megatron_reft.reliability import NonFiniteError, RunLockError, runlock
 from megatron_reft.reliability.numerics import NonFiniteGuard
 from megatron_reft.reliability.resume import check_resume
-from megatron_reft.reliability.storage import (describe_failure, recover_interrupted_swaps,
+from megatron_reft.reliability.storage import (append_whole_lines, describe_failure, recover_interrupted_swaps,
                                                replace_directory)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,39 @@ def _hold_lock(directory: str, ready) -> None:
     runlock.acquire(directory, "ppo")
     ready.set()
     time.sleep(600)
+
+
+def test_a_line_that_does_not_fit_is_not_appended_at_all(tmp_path):
+    """A write cut short (here by RLIMIT_FSIZE, as by a full disk) leaves the file as it was."""
+    import resource
+
+    path = tmp_path / "metrics.jsonl"
+    append_whole_lines(path, '{"step": 1}\n')
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 10, limits[1]))
+    try:
+        with pytest.raises(OSError) as err:  # 10 bytes fit: a torn line without the cut-back
+            append_whole_lines(path, json.dumps({"step": 2, "loss": 1.25}) + "\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert err.value.errno == errno.EFBIG and err.value.filename == str(path)
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_resume_drops_lines_after_the_checkpoint_and_a_torn_line(tmp_path):
+    from megatron_reft.tracking import _truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    _truncate_after(path, 3)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    inode = path.stat().st_ino
+    _truncate_after(path, 3)  # nothing to drop: not rewritten (a full disk at start-up costs nothing)
+    assert path.stat().st_ino == inode
+    _truncate_after(path, 1)
+    assert path.read_text() == '{"step": 1}\n' and not list(tmp_path.glob("*.tmp"))
 
 
 def test_run_lock_refuses_a_second_job_and_takes_over_from_a_dead_one(tmp_path):

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
+from fault_utils import TAG_VAR, tagged_pids, wait_for_no_processes
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--ntasks-per-node=2", "--gpus-per-node=0"]
@@ -202,7 +203,8 @@ def test_requeue_fail_fast_and_resume(slurm_env, sft_job, ppo_job):
     reference = ppo_job[2]
     run = runs_root(slurm_env) / "fault"
     args = CPU + ["slurm/reft_ppo.sh", "configs/tiny_cpu.yaml", f"model.load={sft_job[2]}"] + PPO_ARGS
-    job, _ = sbatch(slurm_env, args, extra_env={"RUN_DIR": str(run)})
+    tag = f"slurm-requeue-{run.parent.name}"  # every process of this job carries it (issue 11)
+    job, _ = sbatch(slurm_env, args, extra_env={"RUN_DIR": str(run), TAG_VAR: tag})
 
     # 1. SIGUSR1 (what --signal=B:USR1@300 sends before the time limit) → requeued, same job id.
     wait_until(lambda: step_of(latest(run)) >= 1, 300, "the first checkpoint")
@@ -221,6 +223,7 @@ def test_requeue_fail_fast_and_resume(slurm_env, sft_job, ppo_job):
     state = wait_finished(slurm_env, job, timeout=FAIL_FAST_S + 30)
     took = time.monotonic() - killed_at
     assert state == "FAILED" and took < FAIL_FAST_S, (state, took)
+    assert not wait_for_no_processes(tag, FAIL_FAST_S - took), f"left behind: {tagged_pids(tag)}"
     log = batch_log(slurm_env, job)
     assert "FAILED: the ranks ended with status" in log
     assert "rank 1 (node" in log and "killed by SIGKILL" in log
@@ -275,3 +278,44 @@ def test_baseline_scripts_run_on_cpu(slurm_env, sft_job):
     rm_run = root / f"tiny_cpu-rm-{job}"
     assert [m["step"] for m in metrics(rm_run)] == [1, 2] and latest(rm_run) == "step_2"  # 16 samples / 8
     assert f"done: {rm_run}" in batch_log(slurm_env, job)
+
+
+@pytest.mark.parametrize("victim", ["srun", "scancel"])
+def test_killed_srun_or_cancelled_job_leaves_no_process(slurm_env, victim):
+    """kill -9 of the job step's srun (the launcher) or `scancel` of the job: every process the
+    job started (batch script, srun, ranks and their children) is gone within 60 s (issue 11).
+    Processes are counted through an environment tag sbatch passes on to every task."""
+    run = runs_root(slurm_env) / f"kill-{victim}"
+    tag = f"slurm-{victim}-{runs_root(slurm_env).name}"
+    job, _ = sbatch(slurm_env, CPU + ["slurm/sft.sh", "configs/tiny_cpu.yaml", "trainer.max_steps=100000",
+                                      "trainer.save_interval=1", "trainer.progress_bar=false"],
+                    extra_env={"RUN_DIR": str(run), TAG_VAR: tag})
+    try:
+        wait_until(lambda: step_of(latest(run)) >= 2, 300, "step_2 saved")
+        ranks = [rank_python_pid(slurm_env, job, r) for r in (0, 1)]
+        assert all(ranks) and set(ranks) <= set(tagged_pids(tag))  # the tag reaches the ranks
+        killed_at = time.monotonic()
+        if victim == "srun":
+            sruns = [p for p in tagged_pids(tag) if _argv0(p).endswith("srun")]
+            assert sruns, "no srun process found in the job"
+            for pid in sruns:
+                os.kill(pid, signal.SIGKILL)
+        else:
+            subprocess.run(["scancel", str(job)], env=slurm_env, check=True)
+        state = wait_finished(slurm_env, job, timeout=FAIL_FAST_S + 30)
+        left = wait_for_no_processes(tag, max(1.0, FAIL_FAST_S - (time.monotonic() - killed_at)))
+        assert not left, f"left behind: {[(p, _argv0(p)) for p in left]}"
+        assert time.monotonic() - killed_at < FAIL_FAST_S
+        assert state == ("CANCELLED" if victim == "scancel" else "FAILED"), state
+    finally:
+        if job_field(slurm_env, job, "JobState") in ("RUNNING", "PENDING"):
+            subprocess.run(["scancel", str(job)], env=slurm_env)
+        for pid in tagged_pids(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _argv0(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""

@@ -154,6 +154,7 @@ def _fresh_tmp(tmp: Path) -> None:
 def _write_shards(tmp: Path, model_chunk, optimizer) -> None:
     from megatron.core import dist_checkpointing
 
+    from megatron_reft.reliability import faultpoints
     from megatron_reft.reliability.storage import fsync_file
 
     state = model_sharded_state_dict(model_chunk)
@@ -163,10 +164,12 @@ def _write_shards(tmp: Path, model_chunk, optimizer) -> None:
     rng_file = tmp / "rng" / f"rank_{_rank():05d}.pt"
     torch.save(rng_state(), rng_file)
     fsync_file(rng_file)
+    faultpoints.kill_point("shards", tmp.name[:-len(".tmp")], _rank())
 
 
 def _finish(tmp: Path, final: Path, model: ModelConfig, tokenizer, carry_from, trainer_state,
             update_latest: bool) -> None:
+    from megatron_reft.reliability import faultpoints
     from megatron_reft.reliability.storage import fsync_tree, replace_directory
 
     write_model_yaml(tmp, model)
@@ -180,6 +183,7 @@ def _finish(tmp: Path, final: Path, model: ModelConfig, tokenizer, carry_from, t
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     fsync_tree(tmp)  # complete on disk before anything points at it
     replace_directory(tmp, final)
+    faultpoints.kill_point("renamed", final.name, _rank())
     if update_latest:
         mark_latest(final)
 

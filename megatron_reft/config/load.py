@@ -3,7 +3,6 @@ runs before any process group or tensor exists. Every failure is one line naming
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from pathlib import Path
 
@@ -114,7 +113,8 @@ def to_dict(config: Config) -> dict:
 
 
 def save_config(config: Config, path: str | Path) -> None:
+    """Atomically (a full disk leaves the previous config.yaml, no half-written one)."""
+    from megatron_reft.reliability.storage import write_text_durably
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_durably(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from megatron_reft.reliability.errors import RunLockError
+from megatron_reft.reliability.storage import naming
 
 LOCK_NAME = "job.lock"
 
@@ -110,8 +111,14 @@ def acquire(output_dir: str | Path, job: str) -> RunLock:
             os.close(fd)
             raise RunLockError(f"{directory}: run directory in use by {describe_holder(holder)} "
                                f"(lock {path}); use another trainer.output_dir or stop that job") from None
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(me).encode())
-    os.fsync(fd)
-    return RunLock(path, fd, created_dir)
+    lock = RunLock(path, fd, created_dir)
+    try:
+        with naming(path):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(me).encode())
+            os.fsync(fd)
+    except OSError:  # e.g. disk full: give the directory back before reporting it
+        lock.release()
+        raise
+    return lock

@@ -10,12 +10,15 @@ the two would lose the only `best`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
 from pathlib import Path
 
+# OSErrors that are the storage's fault, reported in one line (path + errno), not as a bug
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 OLD_SUFFIX = ".old"
@@ -50,16 +53,54 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(directory)
 
 
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """OSErrors raised inside carry `path`: a failed write() (disk full) names no file, and the
+    one-line report must say which (docs/reliability.md)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno and err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def write_text_durably(path: str | Path, text: str) -> None:
-    """Write via `<path>.tmp`, fsync, rename, fsync the directory."""
+    """Write via `<path>.tmp`, fsync, rename, fsync the directory. On failure the `.tmp` is
+    removed (it would only hold part of the text) and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with naming(path), open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def append_whole_lines(path: str | Path, text: str) -> None:
+    """Append `text` (whole lines) to `path`, or nothing: on a failed write (disk full) the file
+    is cut back to its length before, so no torn JSON line is left for a resume to trip over,
+    and the OSError names `path`. Not fsync'd: a log, rewritten up to the checkpoint on resume."""
+    data = text.encode()
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size_before = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):  # a short write (space ran out mid-way) raises on the next
+                    written += os.write(fd, data[written:])
+            except OSError:
+                os.ftruncate(fd, size_before)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
