@@ -107,7 +107,9 @@ def _report(message: str) -> None:
         import traceback
 
         traceback.print_exc()
-    if rank() == 0 or not dist.is_initialized():
+    from megatron_reft.distributed.roles import role_rank
+
+    if role_rank() == 0 or not dist.is_initialized():  # a separate critic's lead speaks for it
         print(message, file=sys.stderr, flush=True)
 
 
@@ -117,16 +119,25 @@ def start(config: Config, job: str | None = None) -> dist_init.LaunchEnv:
     run directory), cleans up what a killed predecessor left, and starts the hang watchdog."""
     from megatron_reft.reliability import orphans, watchdog
 
+    from megatron_reft.distributed import roles
+
     p = config.parallel
     orphans.install_parent_death_signal_for_forks()
-    launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    split = roles.split_args_of(config) if job == "ppo" else None
+    if split is None:
+        launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                      seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    else:  # a separate critic on ranks of its own: actor ranks first, then the critic's (issue 12)
+        roles.start_split_world(split, seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+        launch = dist_init.detect_launch_env()
     if launch.launcher == "torchrun":
         orphans.die_with_launcher()
     if config.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if job is not None:
-        claim_run_dir(config, job)
+        role = roles.current_role()
+        if role is None or role.name == "actor":  # the actor's rank 0 holds the run directory
+            claim_run_dir(config, job)
         watchdog.start(config.trainer.hang_timeout_s, rank())
     return launch
 
@@ -150,7 +161,9 @@ def claim_run_dir(config: Config, job: str) -> None:
         except RunLockError as err:
             outcome[0] = str(err)
     if dist.is_initialized():
-        dist.broadcast_object_list(outcome, src=0)
+        from megatron_reft.distributed.roles import role_group
+
+        dist.broadcast_object_list(outcome, src=0, group=role_group())  # role_group: actor ranks
     if outcome[0] is not None:
         raise RunLockError(outcome[0])
     for action in outcome[1]:
@@ -315,7 +328,9 @@ def out_of_time(started: float, max_seconds: float | None) -> bool:
         return False
     flag = torch.tensor([float(time.perf_counter() - started >= max_seconds)])
     if dist.is_initialized():
-        dist.broadcast(flag, src=0)
+        from megatron_reft.distributed.roles import role_group
+
+        dist.broadcast(flag, src=0, group=role_group())  # the actor's ranks in a split world
     return bool(flag.item())
 
 

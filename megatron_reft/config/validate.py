@@ -145,10 +145,6 @@ def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | 
         return errors
     if c.world_size < 1:
         return errors + ["critic.world_size: must be >= 1 (or unset: the actor's ranks)"]
-    if job == "ppo":
-        errors.append("critic.world_size: critic ranks of their own are not yet runnable from "
-                      "`megatron-reft ppo` (library API only, docs/architecture.md); unset it to "
-                      "run the separate critic on the actor's ranks")
     if c.world_size % (tp * pp):
         errors.append(f"critic.world_size: {c.world_size} is not a multiple of critic TP x PP = {tp} x {pp}")
     if world_size is not None and world_size - c.world_size < 1:
