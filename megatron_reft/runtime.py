@@ -197,6 +197,15 @@ def layout_line(config: Config) -> str:
     world = dist.get_world_size() if dist.is_initialized() else 1
     tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
     device = f"{torch.cuda.device_count()} GPU(s)/node" if torch.cuda.is_available() else "CPU (gloo)"
+    from megatron_reft.distributed.roles import current_split
+
+    split = current_split()
+    if split is not None:  # a separate critic on ranks of its own (issue 12)
+        a, c = split.actor, split.critic
+        return (f"layout: world={world} = actor ranks {a.first_rank}-{a.first_rank + a.size - 1} "
+                f"(TP={a.tensor_parallel} PP={a.pipeline_parallel} DP={a.data_parallel}) + critic ranks "
+                f"{c.first_rank}-{c.first_rank + c.size - 1} (TP={c.tensor_parallel} PP={c.pipeline_parallel} "
+                f"DP={c.data_parallel}) on {device}")
     return f"layout: world={world} TP={tp} PP={pp} DP={world // (tp * pp)} on {device}"
 
 

@@ -169,9 +169,11 @@ def actor_world_size(config: Config, world_size: int | None) -> int | None:
 def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
              world_size: int | None = None) -> None:
     """Raise ConfigError listing every problem, one line each, naming the key."""
-    errors = (_value_errors(config) + _file_errors(config, job)
-              + _critic_errors(config, model, world_size, job))
-    world_size = actor_world_size(config, world_size)
+    critic_errors = _critic_errors(config, model, world_size, job)
+    errors = _value_errors(config) + _file_errors(config, job) + critic_errors
+    whole_world, world_size = world_size, actor_world_size(config, world_size)
+    if any(e.startswith("critic.world_size") for e in critic_errors):
+        whole_world = world_size = None  # no valid split: the world's rules would only repeat it
     if model is not None:
         layout_errors = _layout_errors(model, config, world_size, job)
         errors += layout_errors
@@ -183,10 +185,10 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
             # megatron's attention here is full: exact only while sequences fit in the window
             errors.append(f"data.max_length: {needed} exceeds the model's sliding_window="
                           f"{model.sliding_window} (Mistral-style windowed attention is not modelled)")
-        if not layout_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
+        if not layout_errors and not critic_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
             from megatron_reft.planning import check_fits
 
-            errors += check_fits(config, model, job=job, world_size=world_size)
+            errors += check_fits(config, model, job=job, world_size=whole_world)  # both roles
     if errors:
         raise ConfigError("\n".join(errors))
 
