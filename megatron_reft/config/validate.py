@@ -130,7 +130,7 @@ def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | 
     """A separate critic (issue 12): on the actor's ranks (critic.world_size unset) or on
     critic.world_size ranks of its own with its own TP x PP."""
     c = config.critic
-    if c.mode != "separate":
+    if c.mode != "separate" or job != "ppo":  # only PPO builds a critic (eval of a PPO recipe runs)
         return []
     errors = [] if c.load is None or os.path.exists(c.load) else [f"critic.load: not found: {c.load}"]
     tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
@@ -159,9 +159,9 @@ def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | 
     return errors
 
 
-def actor_world_size(config: Config, world_size: int | None) -> int | None:
+def actor_world_size(config: Config, world_size: int | None, job: str = "ppo") -> int | None:
     """Ranks left to the policy: all of them, less a separate critic's."""
-    if world_size is None or config.critic.mode != "separate" or not config.critic.world_size:
+    if world_size is None or job != "ppo" or config.critic.mode != "separate" or not config.critic.world_size:
         return world_size
     return max(world_size - config.critic.world_size, 1)
 
@@ -171,7 +171,7 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
     """Raise ConfigError listing every problem, one line each, naming the key."""
     critic_errors = _critic_errors(config, model, world_size, job)
     errors = _value_errors(config) + _file_errors(config, job) + critic_errors
-    whole_world, world_size = world_size, actor_world_size(config, world_size)
+    whole_world, world_size = world_size, actor_world_size(config, world_size, job)
     if any(e.startswith("critic.world_size") for e in critic_errors):
         whole_world = world_size = None  # no valid split: the world's rules would only repeat it
     if model is not None:
