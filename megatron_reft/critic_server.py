@@ -109,12 +109,17 @@ class RemoteCritic:
         if self.is_lead:
             header = torch.tensor([command, ints.shape[1], ints.shape[2], floats.shape[0]])
             for t in (header, ints, floats):  # kept alive until sent (see close())
-                self._sends.append((_isend_to(t, self.critic_lead), t))
+                self._keep_until_sent(_isend_to(t, self.critic_lead), t)
 
     def _command(self, command: int) -> None:
         if self.is_lead:
             header = torch.tensor([command, 0, 0, 0])
-            self._sends.append((_isend_to(header, self.critic_lead), header))
+            self._keep_until_sent(_isend_to(header, self.critic_lead), header)
+
+    def _keep_until_sent(self, handle, tensor: torch.Tensor) -> None:
+        """A non-blocking send's tensor must outlive the send; finished ones are let go."""
+        self._sends = [(h, t) for h, t in self._sends if not h.is_completed()]
+        self._sends.append((handle, tensor))
 
     def request_values(self, microbatches: list[dict]):
         """Send the batch; the critic's value pass runs while the actor goes on."""
@@ -142,7 +147,7 @@ class RemoteCritic:
         if self.is_lead:
             header = torch.tensor([command, len(path), 0, 0])
             for t in (header, path):
-                self._sends.append((_isend_to(t, self.critic_lead), t))
+                self._keep_until_sent(_isend_to(t, self.critic_lead), t)
         ok = torch.zeros(1, dtype=torch.float64)
         self._receive(ok)
         if not ok.item():
