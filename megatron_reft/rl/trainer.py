@@ -134,7 +134,7 @@ class PPOTrainer:
             self.policy.reset_value_head(c.trainer.seed)
         resume = runtime.resume_source(c)
         if resume is not None:
-            if not self.critic.shared:  # a separate critic: critic/ in the same checkpoint
+            if self._separate_critic() is not None:  # critic/ in the same checkpoint
                 self.critic.load(_critic_dir_of(resume))
             state = load_checkpoint(resume, self.policy.module, optimizer=self.policy.optimizer, load_rng=True)
             self.step, self.best_accuracy = state["step"], state.get("best_accuracy")
@@ -288,16 +288,20 @@ class PPOTrainer:
         ckpt_dir = Path(self.config.trainer.output_dir) / "checkpoints"
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "metrics": metrics,
                  "best_accuracy": self.best_accuracy, "job": "ppo", "reference": self.config.model.load}
-        shared = self.critic.shared
+        separate = self._separate_critic()
         save_checkpoint(ckpt_dir / name, self.policy.module, self.model_cfg, optimizer=self.policy.optimizer,
                         trainer_state=state, tokenizer=self.data.tokenizer,
-                        update_latest=update_latest and shared, carry_from=self.config.model.load)
-        if not shared:  # a separate critic (here or on its own ranks): same step, then `latest`
-            self.critic.save(ckpt_dir / name / "critic", self.model_cfg, tokenizer=self.data.tokenizer,
+                        update_latest=update_latest and separate is None, carry_from=self.config.model.load)
+        if separate is not None:  # a separate critic (here or on its own ranks): same step, then `latest`
+            separate.save(ckpt_dir / name / "critic", self.model_cfg, tokenizer=self.data.tokenizer,
                              carry_from=self.config.critic.load or self.config.model.load)
             if update_latest and runtime.rank() == 0:
                 mark_latest(ckpt_dir / name)
         prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
+
+    def _separate_critic(self):
+        """The critic when it has a model of its own to save and resume (critic.mode=separate)."""
+        return self.critic if self.critic is not None and not self.critic.shared else None
 
     def train(self) -> dict:
         t = self.config.trainer
@@ -334,7 +338,8 @@ class PPOTrainer:
             self.save(f"step_{self.step}", metrics)
         logger.close(final_checkpoint=Path(t.output_dir) / "checkpoints" / f"step_{self.step}")
         self.scorer.close()
-        self.critic.close()  # a critic on its own ranks stops serving
+        if self.critic is not None:  # (online-st has none)
+            self.critic.close()  # a critic on its own ranks stops serving
         return metrics
 
 
