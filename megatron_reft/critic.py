@@ -31,6 +31,9 @@ class SharedTrunkCritic:
     def update_stats(self) -> dict:
         return {}  # the value loss is among the policy's statistics
 
+    def close(self) -> None:
+        pass  # nothing runs elsewhere
+
 
 class _FromPolicy:
     def result(self, policy_outputs):
@@ -123,6 +126,25 @@ class LocalCritic:
     def _take_seconds(self) -> dict:
         seconds, self.seconds = self.seconds, {k: 0.0 for k in self.seconds}
         return seconds
+
+    def save(self, directory, model_cfg, tokenizer=None, carry_from=None) -> None:
+        """Model, optimizer and RNG into `directory` (the actor's checkpoint's critic/); the
+        caller marks the step as latest once both roles are saved."""
+        from megatron_reft.checkpoint.io import save_checkpoint
+
+        save_checkpoint(directory, self.engine.module, model_cfg, optimizer=self.engine.optimizer,
+                        tokenizer=tokenizer, update_latest=False, carry_from=carry_from)
+
+    def load(self, directory, load_rng: bool = False) -> None:
+        """Resume from `directory` at this critic's layout (any TP x PP). load_rng: only on the
+        critic's own ranks; on the actor's ranks the actor's checkpoint holds the RNG."""
+        from megatron_reft.checkpoint.io import load_checkpoint
+
+        load_checkpoint(directory, self.engine.module, optimizer=self.engine.optimizer, load_rng=load_rng)
+        self.engine._sync_param_copies()
+
+    def close(self) -> None:
+        pass
 
 
 class _Ready:

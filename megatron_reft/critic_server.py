@@ -6,6 +6,8 @@ Protocol (lead ranks only: the actor's global rank 0 ↔ the critic's first rank
     payload int64 [2, rows, width] (tokens, labels) + float32 [planes, rows, width]
             (action_mask; for an update also old values and returns)
     reply   values float32 [rows, width] (VALUES) or statistics float64 (STATS)
+SAVE / LOAD carry a directory (header [command, bytes, 0, 0] + uint8 path) and are answered
+float64 [1 ok | 0 failed]: the actor marks a step `latest` only once the critic has saved it.
 Sends are non-blocking, so the critic computes while the actor runs its own log-prob pass or
 its policy update; the actor waits only when it needs a result (values before GAE, statistics
 for the step's metrics). Inside each role the lead shares what it received with its ranks.
@@ -24,11 +26,16 @@ import torch.distributed as dist
 from megatron_reft.critic import STAT_KEYS, LocalCritic
 from megatron_reft.distributed.roles import SplitWorld, role_group
 
-VALUES, UPDATE, STATS, STOP = 1, 2, 3, 4
+from megatron_reft.reliability import watchdog
+from megatron_reft.reliability.errors import JobError, StorageError
+
+VALUES, UPDATE, STATS, STOP, SAVE, LOAD = 1, 2, 3, 4, 5, 6
+PHASES = {VALUES: "critic values", UPDATE: "critic update", SAVE: "critic save", LOAD: "critic load"}
 
 
-class PeerLost(RuntimeError):
-    """The other role's lead rank died or stopped answering (message names it)."""
+class PeerLost(JobError):
+    """The other role's lead rank died or stopped answering (message names it): one line,
+    exit 3 (docs/reliability.md)."""
 
 
 def _recv_from(buffer: torch.Tensor, src: int, peer: str) -> None:
@@ -102,12 +109,17 @@ class RemoteCritic:
         if self.is_lead:
             header = torch.tensor([command, ints.shape[1], ints.shape[2], floats.shape[0]])
             for t in (header, ints, floats):  # kept alive until sent (see close())
-                self._sends.append((_isend_to(t, self.critic_lead), t))
+                self._keep_until_sent(_isend_to(t, self.critic_lead), t)
 
     def _command(self, command: int) -> None:
         if self.is_lead:
             header = torch.tensor([command, 0, 0, 0])
-            self._sends.append((_isend_to(header, self.critic_lead), header))
+            self._keep_until_sent(_isend_to(header, self.critic_lead), header)
+
+    def _keep_until_sent(self, handle, tensor: torch.Tensor) -> None:
+        """A non-blocking send's tensor must outlive the send; finished ones are let go."""
+        self._sends = [(h, t) for h, t in self._sends if not h.is_completed()]
+        self._sends.append((handle, tensor))
 
     def request_values(self, microbatches: list[dict]):
         """Send the batch; the critic's value pass runs while the actor goes on."""
@@ -121,6 +133,27 @@ class RemoteCritic:
         """One critic optimizer step on this mini-batch, running while the actor trains."""
         self._send(UPDATE, microbatches, ("action_mask", "values", "returns"))
         return {}
+
+    def save(self, directory, model_cfg=None, tokenizer=None, carry_from=None) -> None:
+        """The critic saves itself into `directory` (same step as the actor); waits for it."""
+        self._path_command(SAVE, directory)
+
+    def load(self, directory, load_rng: bool = True) -> None:
+        """The critic resumes from `directory` at its own layout; waits for it."""
+        self._path_command(LOAD, directory)
+
+    def _path_command(self, command: int, directory) -> None:
+        path = torch.tensor(list(str(directory).encode()), dtype=torch.uint8)
+        if self.is_lead:
+            header = torch.tensor([command, len(path), 0, 0])
+            for t in (header, path):
+                self._keep_until_sent(_isend_to(t, self.critic_lead), t)
+        ok = torch.zeros(1, dtype=torch.float64)
+        self._receive(ok)
+        if not ok.item():
+            what = "save its checkpoint into" if command == SAVE else "resume from"
+            raise StorageError(f"the critic (ranks {self.split.critic.ranks}) could not {what} "
+                               f"{directory} (its lead rank's log says why)")
 
     def update_stats(self) -> dict:
         """Wait for the critic's updates; their statistics and the critic's phase timers."""
@@ -177,10 +210,12 @@ class CriticServer:
     """Runs on the critic's ranks: answers value requests and trains on update requests until
     the actor says STOP."""
 
-    def __init__(self, critic: LocalCritic, split: SplitWorld, micro_batch_size: int):
+    def __init__(self, critic: LocalCritic, split: SplitWorld, micro_batch_size: int, saving=None):
         self.critic, self.split, self.micro_batch_size = critic, split, micro_batch_size
         self.is_lead = dist.get_rank() == split.critic.first_rank
         self.actor_lead = split.actor.first_rank
+        # what a critic checkpoint carries besides weights: model_cfg, tokenizer, carry_from
+        self.saving = saving or {}
 
     def _from_actor(self, buffer: torch.Tensor) -> torch.Tensor:
         if self.is_lead:
@@ -190,11 +225,19 @@ class CriticServer:
 
     def serve(self) -> None:
         while True:
+            # Waiting for the actor (its generation, scoring, ...) is not a hang of ours; a dead
+            # actor lead fails the receive, a hung one is ended by its own watchdog.
+            watchdog.enter(watchdog.IDLE)
             command, rows, width, planes = self._from_actor(torch.zeros(4, dtype=torch.long)).tolist()
+            watchdog.enter(PHASES.get(command, "critic"))
             if command == STOP:
                 return
             if command == STATS:
                 self._reply_stats()
+                continue
+            if command in (SAVE, LOAD):
+                path = bytes(self._from_actor(torch.empty(rows, dtype=torch.uint8)).tolist()).decode()
+                self._reply_done(self._save_or_load(command, path))
                 continue
             ints = self._from_actor(torch.empty(2, rows, width, dtype=torch.long))
             floats = self._from_actor(torch.empty(planes, rows, width))
@@ -239,9 +282,43 @@ class CriticServer:
         if self.is_lead:
             dist.send(torch.cat(parts)[:rows].float().contiguous(), self.actor_lead)
 
+    def _save_or_load(self, command: int, path: str) -> bool:
+        try:
+            if command == SAVE:
+                self.critic.save(path, **self.saving)
+            else:
+                self.critic.load(path, load_rng=True)  # the critic's ranks keep their own RNG
+            return True
+        except (JobError, OSError, RuntimeError) as err:  # reported by the actor, named here
+            if self.is_lead:
+                print(f"error: critic rank {dist.get_rank()}: {' '.join(str(err).split())[:400]}",
+                      flush=True)
+            return False
+
+    def _reply_done(self, ok: bool) -> None:
+        flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=role_group())  # every critic rank
+        if self.is_lead:
+            dist.send(flag, self.actor_lead)
+
     def _reply_stats(self) -> None:
         stats = self.critic.update_stats()
         names = list(STAT_KEYS)
         reply = torch.tensor([stats[k] for k in names + list(TIMER_KEYS)], dtype=torch.float64)
         if self.is_lead:
             dist.send(reply, self.actor_lead)
+
+
+def run_critic_role(config) -> None:
+    """`megatron-reft ppo` on a critic rank of a split world: build the critic, serve the actor
+    until it closes the critic (the actor's trainer drives saving and resuming)."""
+    from megatron_reft import runtime
+    from megatron_reft.engines import build_critic
+
+    # Same start-up as the actor's (rank 0 may train the synthetic tokenizer: a world barrier).
+    data = runtime.load_data(config, need_train=False)
+    model_cfg = runtime.model_config_for(config, data)
+    server = build_critic(config, model_cfg)
+    server.saving = dict(model_cfg=model_cfg, tokenizer=data.tokenizer,
+                         carry_from=config.critic.load or config.model.load)
+    server.serve()

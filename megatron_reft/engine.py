@@ -87,7 +87,13 @@ def _deferred_finalize(finalize, counts: list, last: bool):
 class Engine:
     def __init__(self, model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_te=None,
                  with_value_head: bool = False, optim: OptimSettings | None = None,
-                 recompute: bool = False, logprob_chunk_tokens: int = 4096, attention: str = "sdpa"):
+                 recompute: bool = False, logprob_chunk_tokens: int = 4096, attention: str = "sdpa",
+                 value_only: bool = False):
+        """value_only: a separate critic (issue 12): forward and backward stop at the value head
+        (no logits, log-probs or entropy), and an untied output layer is frozen (no gradient
+        buffer, no optimizer state). The layer itself stays: megatron's GPTModel builds it on
+        the last stage, its sharded state dict names it, and keeping it lets the critic load the
+        warm-up checkpoint and export as an ordinary model (docs/architecture.md)."""
         from megatron.core import parallel_state as ps
 
         self.model_config = model
@@ -98,6 +104,9 @@ class Engine:
         self.score_masked_only = True  # False: log-probs at every position (today's behaviour; tests)
         self.gpt = build_model(model, dtype=dtype, use_te=use_te, with_value_head=with_value_head,
                                recompute=recompute, attention=attention)
+        self.value_only = value_only and with_value_head
+        if self.value_only:
+            _freeze_unused_output_layer(self.gpt)
         self.tconfig = self.gpt.config
         self.tconfig.calculate_per_token_loss = True
         self.is_first_stage = ps.is_pipeline_first_stage()
@@ -177,7 +186,9 @@ class Engine:
         # Entropy is a rollout statistic, not a training input: only forward passes that log it
         # pay for its full-vocabulary reduction.
         with_entropy = loss_fn is None and self._with_entropy
-        logprobs, entropy = self._scored_logprobs(mb, hidden, with_entropy)
+        logprobs = entropy = None
+        if not self.value_only:  # a separate critic never reads the LM head's outputs
+            logprobs, entropy = self._scored_logprobs(mb, hidden, with_entropy)
         values = None
         if gpt.value_head is not None:
             values = gpt.value_head(hidden).squeeze(-1).t().float()  # [b, s]
@@ -310,6 +321,8 @@ class Engine:
             return outputs
         group, src = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
         keys = ["logprobs"] + (["entropy"] if with_entropy else []) + (["values"] if self._has_value_head() else [])
+        if self.value_only:
+            keys = ["values"]
         widths = self._call_widths(microbatches)
         result = []
         for i, mb in enumerate(microbatches):
@@ -347,3 +360,12 @@ class Engine:
 
     def unwrapped(self):
         return unwrap(self.module)
+
+
+def _freeze_unused_output_layer(gpt) -> None:
+    """A value-only model does not train its output layer. Tied embeddings keep it trainable:
+    it is the input embedding (PP=1) or the copy megatron keeps in sync with it (PP>1)."""
+    layer = getattr(gpt, "output_layer", None)
+    if layer is not None and not gpt.share_embeddings_and_output_weights:
+        for param in layer.parameters():
+            param.requires_grad_(False)

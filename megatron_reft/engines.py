@@ -19,11 +19,13 @@ def optim_settings(config, *, lr=None, weight_decay=None, clip_grad=None) -> Opt
                          use_distributed_optimizer=config.parallel.use_distributed_optimizer)
 
 
-def _engine(config, model_cfg, optim: OptimSettings | None, value_head: bool) -> Engine:
+def _engine(config, model_cfg, optim: OptimSettings | None, value_head: bool,
+            value_only: bool = False) -> Engine:
     use_te = {"auto": None, "true": True, "false": False}[config.model.use_te.lower()]
     return Engine(model_cfg, dtype=resolve_dtype(config.model.dtype), use_te=use_te, optim=optim,
                   recompute=config.model.recompute, with_value_head=value_head,
-                  attention=config.model.attention, logprob_chunk_tokens=config.ppo.logprob_chunk_tokens)
+                  attention=config.model.attention, logprob_chunk_tokens=config.ppo.logprob_chunk_tokens,
+                  value_only=value_only)
 
 
 def build_engine(config, model_cfg, optim: bool = True, value_head: bool = False) -> Engine:
@@ -41,7 +43,7 @@ def build_critic_engine(config, model_cfg) -> Engine:
     c = config.critic
     settings = optim_settings(config, lr=critic_lr(config), weight_decay=c.weight_decay,
                               clip_grad=c.clip_grad)
-    return _engine(config, model_cfg, settings, value_head=True)
+    return _engine(config, model_cfg, settings, value_head=True, value_only=True)
 
 
 def load_critic_weights(engine: Engine, config) -> None:

@@ -174,6 +174,7 @@ class MemoryPlan:
     phases: dict = field(default_factory=dict)  # phase name → Items alive only then
     capacity_gib: float | None = None
     assumptions: list = field(default_factory=list)
+    critic: "MemoryPlan | None" = None  # a separate critic on ranks of its own (its GPUs' plan)
 
     def phase_bytes(self, phase: str) -> float:
         return sum(i.bytes for i in self.phases[phase])
@@ -192,7 +193,8 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         gib = lambda items: {i.name: round(i.bytes / GIB, 3) for i in items}  # noqa: E731
-        return {"job": self.job, "model": self.model, "layout": dataclasses.asdict(self.layout),
+        critic = {"critic": self.critic.as_dict()} if self.critic is not None else {}
+        return {**critic, "job": self.job, "model": self.model, "layout": dataclasses.asdict(self.layout),
                 "resident_gib": gib(self.resident),
                 "phases_gib": {p: gib(items) for p, items in self.phases.items()},
                 "peak_phase": self.peak_phase, "total_gib": round(self.total_gib, 3),
@@ -200,7 +202,9 @@ class MemoryPlan:
                 "assumptions": self.assumptions}
 
     def fits(self) -> bool | None:
-        return None if self.capacity_gib is None else self.total_gib <= self.capacity_gib
+        if self.capacity_gib is None:
+            return None
+        return self.total_gib <= self.capacity_gib and (self.critic is None or bool(self.critic.fits()))
 
     def table(self) -> str:
         L = self.layout
@@ -219,6 +223,8 @@ class MemoryPlan:
         verdict = {None: "", True: " -> fits", False: " -> DOES NOT FIT"}[self.fits()]
         lines.append(f"  {'total (resident + peak phase)':<34}{self.total_gib:>9.2f}  of {capacity}{verdict}")
         lines += [f"  assumption: {a}" for a in self.assumptions]
+        if self.critic is not None:
+            lines += ["", self.critic.table()]
         return "\n".join(lines)
 
 
@@ -285,8 +291,9 @@ def make_plan(config, model, job: str, world_size: int | None = None, *, attenti
     """The per-GPU plan for `job` (sft | ppo | eval) under config's layout."""
     p, t, ppo = config.parallel, config.trainer, config.ppo
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    world = world_size or p.planned_world_size or tp * pp
-    layout = Layout(tp, pp, max(1, world // (tp * pp)))
+    critic_ranks = _critic_ranks(config) if job == "ppo" else 0
+    world = world_size or p.planned_world_size or tp * pp + critic_ranks
+    layout = Layout(tp, pp, max(1, (world - critic_ranks) // (tp * pp)))
     attention = attention_kind(config, attention)
     params = stage_parameters(model, tp, pp)["max"]
     plan = MemoryPlan(job, model.preset or model.family, layout,
@@ -307,12 +314,47 @@ def make_plan(config, model, job: str, world_size: int | None = None, *, attenti
         mini = (ppo.mini_batch_size or ppo.rollout_batch_size) // layout.dp
         plan.phases["update"] = _training_items(config, model, layout, config.data.max_total_length,
                                                 t.micro_batch_size, mini // t.micro_batch_size, attention)
+        if config.critic.mode == "separate" and not critic_ranks:  # on these GPUs, beside the policy
+            plan.resident += [Item(f"critic {i.name}", i.bytes, i.note)
+                              for i in _state_items(config, model, layout, _critic_parameters(model, tp, pp),
+                                                    optimizer=True)]
+        elif critic_ranks:
+            plan.critic = _critic_plan(config, model, critic_ranks, attention, plan.capacity_gib)
     elif job == "eval":
         plan.phases["generation"] = _generation_items(config, model, layout, EVAL_BATCH, attention)
     else:
         raise ValueError(f"unknown job {job!r} (sft, ppo or eval)")
     plan.resident.append(Item("runtime overhead", RUNTIME_OVERHEAD_GIB * GIB, "CUDA context, NCCL, workspaces, slack"))
     plan.assumptions = _assumptions(config, attention, world_size, layout)
+    return plan
+
+
+def _critic_ranks(config) -> int:
+    c = config.critic
+    return (c.world_size or 0) if c.mode == "separate" else 0
+
+
+def _critic_parameters(model, tp: int, pp: int) -> float:
+    """A value-only model (engine.py): an untied output layer is frozen, so it costs weights only;
+    counted here as trainable (an upper bound of 12+4 B/param on a vocab × hidden/TP matrix)."""
+    return stage_parameters(model, tp, pp)["max"]
+
+
+def _critic_plan(config, model, ranks: int, attention: str, capacity_gib) -> MemoryPlan:
+    """The critic's GPUs: its trunk + head with optimizer at its own TP x PP, training on its DP
+    share of each mini-batch; no KV cache, no logits (value-only forward)."""
+    c, t, ppo = config.critic, config.trainer, config.ppo
+    layout = Layout(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
+                    max(1, ranks // (c.tensor_model_parallel_size * c.pipeline_model_parallel_size)))
+    plan = MemoryPlan("ppo critic", model.preset or model.family, layout, capacity_gib=capacity_gib)
+    params = _critic_parameters(model, layout.tp, layout.pp)
+    plan.resident = _state_items(config, model, layout, params, optimizer=True)
+    micro = c.micro_batch_size or t.micro_batch_size
+    mini = max(1, (ppo.mini_batch_size or ppo.rollout_batch_size) // layout.dp)
+    training = _training_items(config, model, layout, config.data.max_total_length, micro,
+                               max(1, mini // micro), attention)
+    plan.phases["update"] = [i for i in training if not i.name.startswith("logits")]
+    plan.resident.append(Item("runtime overhead", RUNTIME_OVERHEAD_GIB * GIB, "CUDA context, NCCL, workspaces, slack"))
     return plan
 
 
@@ -351,6 +393,11 @@ def check_fits(config, model, job: str = "sft", world_size: int | None = None) -
     need, have = plan.total_gib, config.parallel.gpu_memory_gb
     summary = (f"the {job} memory plan needs {need:.1f} GiB per GPU at TP={plan.layout.tp} PP={plan.layout.pp} "
                f"DP={plan.layout.dp}")
+    if plan.critic is not None and plan.critic.total_gib > have:
+        L = plan.critic.layout
+        return [f"critic.world_size: the critic's memory plan needs {plan.critic.total_gib:.1f} GiB per GPU at "
+                f"TP={L.tp} PP={L.pp} DP={L.dp} but the GPU has {have:g} GiB (see `megatron-reft plan`); "
+                "give the critic a larger critic.tensor_model_parallel_size / pipeline_model_parallel_size"]
     if need > have:
         return [f"parallel.gpu_memory_gb: {summary} but the GPU has {have:g} GiB "
                 f"(see `megatron-reft plan`); try {_suggestions(config, plan.layout, job)}"]
@@ -424,7 +471,9 @@ def main(argv=None) -> int:
     plan = make_plan(config, model, job, world)
     print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())
     try:
-        validate(config, model, job=job, world_size=world or plan.layout.world)
+        critic_ranks = _critic_ranks(config) if job == "ppo" else 0
+        validate(config, model, job=job,
+                 world_size=world or config.parallel.planned_world_size or plan.layout.world + critic_ranks)
     except ConfigError as err:
         lines = [line for line in str(err).splitlines()
                  if not (args.skip_file_checks and line.startswith(FILE_KEYS))]

@@ -106,7 +106,9 @@ def _report(message: str) -> None:
         import traceback
 
         traceback.print_exc()
-    if rank() == 0 or not dist.is_initialized():
+    from megatron_reft.distributed.roles import role_rank
+
+    if role_rank() == 0 or not dist.is_initialized():  # a separate critic's lead speaks for it
         print(message, file=sys.stderr, flush=True)
 
 
@@ -116,16 +118,25 @@ def start(config: Config, job: str | None = None) -> dist_init.LaunchEnv:
     run directory), cleans up what a killed predecessor left, and starts the hang watchdog."""
     from megatron_reft.reliability import orphans, watchdog
 
+    from megatron_reft.distributed import roles
+
     p = config.parallel
     orphans.install_parent_death_signal_for_forks()
-    launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    split = roles.split_args_of(config) if job == "ppo" else None
+    if split is None:
+        launch = dist_init.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                      seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+    else:  # a separate critic on ranks of its own: actor ranks first, then the critic's (issue 12)
+        roles.start_split_world(split, seed=config.trainer.seed, timeout_minutes=p.timeout_minutes)
+        launch = dist_init.detect_launch_env()
     if launch.launcher == "torchrun":
         orphans.die_with_launcher()
     if config.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if job is not None:
-        claim_run_dir(config, job)
+        role = roles.current_role()
+        if role is None or role.name == "actor":  # the actor's rank 0 holds the run directory
+            claim_run_dir(config, job)
         watchdog.start(config.trainer.hang_timeout_s, rank())
     return launch
 
@@ -149,7 +160,9 @@ def claim_run_dir(config: Config, job: str) -> None:
         except RunLockError as err:
             outcome[0] = str(err)
     if dist.is_initialized():
-        dist.broadcast_object_list(outcome, src=0)
+        from megatron_reft.distributed.roles import role_group
+
+        dist.broadcast_object_list(outcome, src=0, group=role_group())  # role_group: actor ranks
     if outcome[0] is not None:
         raise RunLockError(outcome[0])
     for action in outcome[1]:
@@ -183,6 +196,15 @@ def layout_line(config: Config) -> str:
     world = dist.get_world_size() if dist.is_initialized() else 1
     tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
     device = f"{torch.cuda.device_count()} GPU(s)/node" if torch.cuda.is_available() else "CPU (gloo)"
+    from megatron_reft.distributed.roles import current_split
+
+    split = current_split()
+    if split is not None:  # a separate critic on ranks of its own (issue 12)
+        a, c = split.actor, split.critic
+        return (f"layout: world={world} = actor ranks {a.first_rank}-{a.first_rank + a.size - 1} "
+                f"(TP={a.tensor_parallel} PP={a.pipeline_parallel} DP={a.data_parallel}) + critic ranks "
+                f"{c.first_rank}-{c.first_rank + c.size - 1} (TP={c.tensor_parallel} PP={c.pipeline_parallel} "
+                f"DP={c.data_parallel}) on {device}")
     return f"layout: world={world} TP={tp} PP={pp} DP={world // (tp * pp)} on {device}"
 
 
@@ -314,7 +336,9 @@ def out_of_time(started: float, max_seconds: float | None) -> bool:
         return False
     flag = torch.tensor([float(time.perf_counter() - started >= max_seconds)])
     if dist.is_initialized():
-        dist.broadcast(flag, src=0)
+        from megatron_reft.distributed.roles import role_group
+
+        dist.broadcast(flag, src=0, group=role_group())  # the actor's ranks in a split world
     return bool(flag.item())
 
 

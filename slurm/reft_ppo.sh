@@ -5,6 +5,13 @@
 # latest checkpoint is used), e.g. model.load=runs/gsm8k_ncot_sft-1234.
 # Defaults: one exclusive 8-GPU node, one task per GPU; override with sbatch options
 # (e.g. -N 4, -p PART, -A ACCT, --ntasks-per-node=2 --gpus-per-node=0 for CPU). See docs/slurm.md.
+# A separate critic on GPUs of its own (critic.mode=separate, critic.world_size=C; e.g.
+# configs/*_ppo_separate-critic.yaml) runs from the same allocation: srun starts one task per
+# GPU as usual and the world splits by rank (SLURM_PROCID): ranks 0..N-C-1 are the actor (policy +
+# reference, rank 0 logs and writes checkpoints), ranks N-C..N-1 the critic, each role with its
+# own TP x PP x DP. With whole nodes per role (C a multiple of the GPUs per node) no node mixes
+# roles. The pre-flight plan validates the split against the allocation and prints both roles'
+# memory; a dead or hung rank of either role ends the job like any other (docs/slurm.md).
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8

@@ -245,3 +245,34 @@ def test_activation_formula_matches_saved_tensors_at_tp2(measured):
         assert per_layer[(family, False)] == pytest.approx(predicted, rel=0.03), family
         # Full recomputation keeps each layer's bf16 input only.
         assert per_layer[(family, True)] == 64 * 2 * model.hidden_size * 2
+
+
+# ---------------------------------------------------------------- separate critic (issue 12)
+def test_separate_critic_plans_both_roles_and_refuses_impossible_splits(capsys):
+    """On ranks of its own the critic's GPUs hold its trunk + optimizer and its update's
+    activations (no KV cache, no reference, no logits); on the actor's ranks its state adds to
+    the policy's. Impossible splits are one line, exit 2."""
+    model = model_config_from_preset("codellama-7b")
+    shared = planning.make_plan(codellama_7b_config(), model, "ppo")
+    split = planning.make_plan(codellama_7b_config("critic.mode=separate", "critic.world_size=8",
+                                                   "critic.tensor_model_parallel_size=2",
+                                                   "parallel.planned_world_size=16"), model, "ppo")
+    assert split.layout == shared.layout and split.total_bytes == pytest.approx(shared.total_bytes)
+    critic = split.critic
+    assert (critic.layout.tp, critic.layout.dp) == (2, 4) and "KV cache" not in items(critic)
+    assert critic.total_bytes == pytest.approx(WEIGHTS + GRADS + ADAM_DIST + OVERHEAD + PPO_ACTIVATIONS)
+    beside = planning.make_plan(codellama_7b_config("critic.mode=separate"), model, "ppo")
+    assert beside.critic is None
+    assert beside.total_bytes - shared.total_bytes == pytest.approx(WEIGHTS + GRADS + ADAM_DIST)
+    recipe = "configs/codellama-7b_gsm8k_pcot_ppo_separate-critic.yaml"
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    for bad, says in (("critic.world_size=16", "critic.world_size: 16 leaves no actor rank in a world of 16"),
+                      ("critic.world_size=3", "critic.world_size: 3 is not a multiple of critic TP x PP = 2 x 1")):
+        assert planning.main(["--config", str(root / recipe), "--skip-file-checks", "--job", "ppo", bad]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[1:] == [says]
+    # Fits the GPU count but not the memory: the critic's own line.
+    assert planning.main(["--config", str(root / recipe), "--skip-file-checks", "--job", "ppo",
+                          "critic.world_size=1", "critic.tensor_model_parallel_size=1",
+                          "parallel.planned_world_size=9"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("critic.world_size: the critic's memory plan needs") and len(lines) == 2

@@ -169,3 +169,24 @@ def test_baseline_recipes_carry_the_papers_settings(name, tmp_path):
         assert (o.lr, t.epochs, o.planned_epochs, d.max_total_length) == (1e-6, 3, 3, 700)
         assert raw.model.load == f"ckpt/{model}_{dataset}_{cot}_sft"
     assert t.output_dir == f"runs/{Path(name).stem}"
+
+
+SEPARATE_CRITIC = sorted(p.name for p in CONFIGS.glob("*_ppo_separate-critic.yaml"))
+
+
+def test_separate_critic_variants_of_the_paper_7b_runs(tmp_path):
+    """The ablation setting (reft.md §4, §8; issue 12): each paper 7B PPO run with a separate
+    value model on 8 GPUs of its own; everything else is the base recipe's, and both roles fit."""
+    expected = {f"{m}_{d}_{c}_ppo_separate-critic.yaml" for m in PAPER_MODELS for d, c in PAPER_RUNS}
+    assert set(SEPARATE_CRITIC) == expected
+    for name in SEPARATE_CRITIC:  # (the eval file is inherited: load_recipe would not see it)
+        config, model = load_recipe(name, tmp_path, f"data.eval_file={tmp_path / 'data.json'}")
+        c = config.critic
+        assert (c.mode, c.world_size, c.tensor_model_parallel_size, config.parallel.planned_world_size) == \
+            ("separate", 8, 2, 16)
+        raw, raw_base = load_config(CONFIGS / name), load_config(CONFIGS / name.replace("_separate-critic", ""))
+        assert (raw.ppo, raw.optim, raw.data, raw.model) == (raw_base.ppo, raw_base.optim, raw_base.data, raw_base.model)
+        assert raw.trainer.output_dir == raw_base.trainer.output_dir + "_separate-critic"
+        validate(config, model, job="ppo", world_size=16)
+        plan = planning.make_plan(config, model, "ppo", 16)
+        assert (plan.layout.world, plan.critic.layout.world) == (8, 8) and plan.fits(), plan.table()

@@ -30,12 +30,22 @@ LATEST = "latest"
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """Rank within this process's role: a separate critic on ranks of its own (issue 12) saves
+    and loads its checkpoints on its ranks only, with its first rank as the writer."""
+    from megatron_reft.distributed.roles import role_rank
+
+    return role_rank()
+
+
+def _group():
+    from megatron_reft.distributed.roles import role_group
+
+    return role_group()  # None: the whole world (no split)
 
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_group())
 
 
 def write_model_yaml(directory: str | Path, model: ModelConfig) -> None:
@@ -64,7 +74,10 @@ def model_sharded_state_dict(model_chunk) -> dict:
 def checkpoint_tensor_keys(directory: str | Path) -> set[str]:
     from megatron.core import dist_checkpointing
 
-    return set(dist_checkpointing.load_tensors_metadata(str(Path(directory) / "weights")).keys())
+    from megatron_reft.distributed.roles import role_as_world
+
+    with role_as_world():
+        return set(dist_checkpointing.load_tensors_metadata(str(Path(directory) / "weights")).keys())
 
 
 def rng_state() -> dict:
@@ -124,7 +137,7 @@ def refuse_non_finite_weights(model_chunk, destination: Path) -> None:
             bad[0] = 1.0
             break
     if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=_group())
     if bad.item():
         latest = latest_checkpoint(destination.parent)
         raise NonFiniteError(f"refusing to save {destination.name}: the model holds non-finite weights "
@@ -155,12 +168,14 @@ def _write_shards(tmp: Path, model_chunk, optimizer) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_reft.reliability import faultpoints
+    from megatron_reft.distributed.roles import role_as_world
     from megatron_reft.reliability.storage import fsync_file
 
     state = model_sharded_state_dict(model_chunk)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state)
-    dist_checkpointing.save(state, str(tmp / "weights"))  # megatron fsyncs the shard files
+    with role_as_world():  # the writers: this role's ranks (all ranks when the world is not split)
+        dist_checkpointing.save(state, str(tmp / "weights"))  # megatron fsyncs the shard files
     rng_file = tmp / "rng" / f"rank_{_rank():05d}.pt"
     torch.save(rng_state(), rng_file)
     fsync_file(rng_file)
@@ -196,8 +211,8 @@ def _agree_or_raise(tmp: Path, error: BaseException | None) -> None:
     line = None if error is None else describe_failure(error, tmp)
     lines = [line]
     if dist.is_initialized():
-        lines = [None] * dist.get_world_size()
-        dist.all_gather_object(lines, line)
+        lines = [None] * dist.get_world_size(_group())
+        dist.all_gather_object(lines, line, group=_group())
     failed = [(r, text) for r, text in enumerate(lines) if text is not None]
     if not failed:
         return
@@ -235,13 +250,16 @@ def load_checkpoint(directory: str | Path, model_chunk, *, optimizer=None,
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_reft.distributed.roles import role_as_world
+
     directory = Path(directory)
     present = checkpoint_tensor_keys(directory)
     state = model_sharded_state_dict(model_chunk)
     state = {k: v for k, v in state.items() if not _missing_value_head(k, v, present)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(directory / "weights"))
+    with role_as_world():
+        loaded = dist_checkpointing.load(state, str(directory / "weights"))
     if optimizer is not None:
         optimizer.load_state_dict(loaded.pop("optimizer"))
     model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}

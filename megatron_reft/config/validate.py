@@ -130,7 +130,7 @@ def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | 
     """A separate critic (issue 12): on the actor's ranks (critic.world_size unset) or on
     critic.world_size ranks of its own with its own TP x PP."""
     c = config.critic
-    if c.mode != "separate":
+    if c.mode != "separate" or job != "ppo":  # only PPO builds a critic (eval of a PPO recipe runs)
         return []
     errors = [] if c.load is None or os.path.exists(c.load) else [f"critic.load: not found: {c.load}"]
     tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
@@ -145,10 +145,6 @@ def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | 
         return errors
     if c.world_size < 1:
         return errors + ["critic.world_size: must be >= 1 (or unset: the actor's ranks)"]
-    if job == "ppo":
-        errors.append("critic.world_size: critic ranks of their own are not yet runnable from "
-                      "`megatron-reft ppo` (library API only, docs/architecture.md); unset it to "
-                      "run the separate critic on the actor's ranks")
     if c.world_size % (tp * pp):
         errors.append(f"critic.world_size: {c.world_size} is not a multiple of critic TP x PP = {tp} x {pp}")
     if world_size is not None and world_size - c.world_size < 1:
@@ -163,9 +159,9 @@ def _critic_errors(config: Config, model: ModelConfig | None, world_size: int | 
     return errors
 
 
-def actor_world_size(config: Config, world_size: int | None) -> int | None:
+def actor_world_size(config: Config, world_size: int | None, job: str = "ppo") -> int | None:
     """Ranks left to the policy: all of them, less a separate critic's."""
-    if world_size is None or config.critic.mode != "separate" or not config.critic.world_size:
+    if world_size is None or job != "ppo" or config.critic.mode != "separate" or not config.critic.world_size:
         return world_size
     return max(world_size - config.critic.world_size, 1)
 
@@ -173,9 +169,11 @@ def actor_world_size(config: Config, world_size: int | None) -> int | None:
 def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
              world_size: int | None = None) -> None:
     """Raise ConfigError listing every problem, one line each, naming the key."""
-    errors = (_value_errors(config) + _file_errors(config, job)
-              + _critic_errors(config, model, world_size, job))
-    world_size = actor_world_size(config, world_size)
+    critic_errors = _critic_errors(config, model, world_size, job)
+    errors = _value_errors(config) + _file_errors(config, job) + critic_errors
+    whole_world, world_size = world_size, actor_world_size(config, world_size, job)
+    if any(e.startswith("critic.world_size") for e in critic_errors):
+        whole_world = world_size = None  # no valid split: the world's rules would only repeat it
     if model is not None:
         layout_errors = _layout_errors(model, config, world_size, job)
         errors += layout_errors
@@ -187,10 +185,10 @@ def validate(config: Config, model: ModelConfig | None, *, job: str = "sft",
             # megatron's attention here is full: exact only while sequences fit in the window
             errors.append(f"data.max_length: {needed} exceeds the model's sliding_window="
                           f"{model.sliding_window} (Mistral-style windowed attention is not modelled)")
-        if not layout_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
+        if not layout_errors and not critic_errors:  # the memory plan (issue 6) needs a valid layout to mean anything
             from megatron_reft.planning import check_fits
 
-            errors += check_fits(config, model, job=job, world_size=world_size)
+            errors += check_fits(config, model, job=job, world_size=whole_world)  # both roles
     if errors:
         raise ConfigError("\n".join(errors))
 

@@ -78,15 +78,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-               timeout_minutes: float = 10.0) -> LaunchEnv:
-    """Initialise the process group and megatron parallel state (TP x PP x DP).
-
-    `timeout_minutes` bounds how long a collective waits for a dead peer, so a job whose rank
-    died ends instead of hanging (the Slurm scripts rely on this to fail fast).
-    """
-    from megatron.core import parallel_state, tensor_parallel as mtp
-
+def start_process_group(timeout_minutes: float = 10.0) -> LaunchEnv:
+    """Join the job's torch.distributed world (torchrun, Slurm or a plain `python`): NCCL on
+    GPUs, gloo on CPU (after installing the CPU compatibility layer). Shared by `initialize`
+    and the split actor/critic world (distributed/roles.py)."""
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_compat.install()
@@ -102,6 +97,26 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
             rank=launch.rank, world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    return launch
+
+
+def seed_model_parallel(seed: int) -> None:
+    from megatron.core import tensor_parallel as mtp
+
+    seed_everything(seed)
+    mtp.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+               timeout_minutes: float = 10.0) -> LaunchEnv:
+    """Initialise the process group and megatron parallel state (TP x PP x DP).
+
+    `timeout_minutes` bounds how long a collective waits for a dead peer, so a job whose rank
+    died ends instead of hanging (the Slurm scripts rely on this to fail fast).
+    """
+    from megatron.core import parallel_state
+
+    launch = start_process_group(timeout_minutes)
     if launch.world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(f"world size {launch.world_size} is not divisible by "
                          f"TP x PP = {tensor_parallel} x {pipeline_parallel}")
@@ -112,8 +127,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         pipeline_model_parallel_size=pipeline_parallel,
         distributed_timeout_minutes=int(max(1, timeout_minutes)),
     )
-    seed_everything(seed)
-    mtp.model_parallel_cuda_manual_seed(seed)
+    seed_model_parallel(seed)
     return launch
 
 

@@ -150,32 +150,55 @@ def clear_role() -> None:
 
 
 def start_split_world(split_args: dict, seed: int, timeout_minutes: float = 10.0) -> Role:
-    """Start torch.distributed (torchrun/Slurm/plain, like distributed.init.initialize) and this
-    process's role. `split_args`: plan_split's keyword arguments except world_size."""
-    import datetime
-    import os
+    """Start torch.distributed (like distributed.init.initialize) and this process's role.
+    `split_args`: plan_split's keyword arguments except world_size (see `split_args_of`)."""
+    from megatron_reft.distributed.init import seed_model_parallel, start_process_group
 
-    import torch
-    from megatron.core import tensor_parallel as mtp
-
-    from megatron_reft.distributed import cpu_compat
-    from megatron_reft.distributed.init import detect_launch_env, seed_everything
-
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        cpu_compat.install()
-    launch = detect_launch_env()
-    if on_gpu:
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo",
-                                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    start_process_group(timeout_minutes)
     split = plan_split(dist.get_world_size(), **split_args)
     role = initialize_role(split, timeout_minutes)
-    seed_everything(seed)
-    mtp.model_parallel_cuda_manual_seed(seed)
+    seed_model_parallel(seed)
     return role
+
+
+def split_args_of(config) -> dict | None:
+    """plan_split's arguments for a config whose critic has ranks of its own; None otherwise
+    (shared trunk, or a separate critic on the actor's ranks)."""
+    c, p = config.critic, config.parallel
+    if c.mode != "separate" or not c.world_size:
+        return None
+    return dict(critic_world_size=c.world_size, actor_tp=p.tensor_model_parallel_size,
+                actor_pp=p.pipeline_model_parallel_size, critic_tp=c.tensor_model_parallel_size,
+                critic_pp=c.pipeline_model_parallel_size)
+
+
+def role_rank() -> int:
+    """This process's rank inside its role (its global rank when the world is not split)."""
+    if not dist.is_initialized():
+        return 0
+    return dist.get_rank(_ROLE_GROUP) if _ROLE_GROUP is not None else dist.get_rank()
+
+
+@contextlib.contextmanager
+def role_as_world():
+    """Let library code that works on torch's default group (megatron's dist_checkpointing,
+    torch.distributed.checkpoint: collectives without a group, rank 0 as coordinator) run on
+    this role's ranks only, by making the role's group the default for the duration.
+
+    Inside, `dist.get_rank(group)` for any *other* group is wrong on critic ranks (torch maps
+    it through the default group's rank), so compute sharded state dicts before entering."""
+    from torch.distributed import distributed_c10d as c10d
+
+    if _ROLE_GROUP is None:
+        yield
+        return
+    world = c10d._get_default_group()
+    # Inside, the role's ranks are numbered 0..size-1 ("global" ranks of the role's world).
+    global_to_role = c10d._world.pg_group_ranks[_ROLE_GROUP]
+    c10d._world.pg_group_ranks[_ROLE_GROUP] = {i: i for i in range(len(global_to_role))}
+    c10d._update_default_pg(_ROLE_GROUP)
+    try:
+        yield
+    finally:
+        c10d._update_default_pg(world)
+        c10d._world.pg_group_ranks[_ROLE_GROUP] = global_to_role

@@ -1,7 +1,8 @@
 """Non-finite guard: a NaN/Inf loss or gradient skips the optimizer step instead of writing NaN
 into the weights (and from there into `latest`); too many in a row stop the job.
 
-Every check ends in an all-reduce over the whole world, so all ranks take the same decision
+Every check ends in an all-reduce over the whole world (the actor's ranks when a separate
+critic holds others), so all ranks take the same decision
 (the loss lives on the last pipeline stage, a poisoned gradient on one TP rank only).
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ DEFAULT_MAX_NONFINITE_STEPS = 5
 def _all_ranks_true(local_ok: bool) -> bool:
     flag = torch.tensor([0.0 if local_ok else 1.0])
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        from megatron_reft.distributed.roles import role_group
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=role_group())  # the role's ranks
     return flag.item() == 0.0
 
 

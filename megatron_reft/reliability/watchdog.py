@@ -29,6 +29,9 @@ TEST_HANG_ENV = "MEGATRON_REFT_TEST_HANG"
 # Start-up (building models, loading checkpoints, the sandbox) is not timed: its length scales
 # with the model, and a peer that never arrives is caught by the process-group timeout.
 STARTUP = "start-up"
+# A separate critic's rank waiting for the actor's next request (issue 12): the actor's own
+# phases are watched, and a dead actor fails the critic's receive.
+IDLE = "idle"
 
 
 class Watchdog:
@@ -57,7 +60,7 @@ class Watchdog:
         while True:
             time.sleep(poll)
             stuck_for = time.monotonic() - self.since
-            if stuck_for <= self.timeout_s or self.phase == STARTUP:
+            if stuck_for <= self.timeout_s or self.phase in (STARTUP, IDLE):
                 continue
             waiting_in = _collective_in_progress()
             # A rank blocked in a collective is most likely waiting for the stuck one: it waits

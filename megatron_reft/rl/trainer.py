@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from megatron_reft import runtime
-from megatron_reft.checkpoint.io import load_checkpoint, prune_checkpoints, save_checkpoint
+from megatron_reft.checkpoint.io import load_checkpoint, mark_latest, prune_checkpoints, save_checkpoint
+from megatron_reft.config import ConfigError
 from megatron_reft.engines import build_critic, build_engine
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
 from megatron_reft.reliability import watchdog
@@ -89,9 +90,9 @@ def _broadcast_keys(keys: list[str]) -> list[str]:
 
 
 class PPOTrainer:
-    def __init__(self, config):
+    def __init__(self, config, launch=None):
         self.config = config
-        self.launch = runtime.start(config, job="ppo")
+        self.launch = launch if launch is not None else runtime.start(config, job="ppo")
         runtime.print0(runtime.layout_line(config) + f" (launcher: {self.launch.launcher})")
         self.data = runtime.load_data(config)
         self.model_cfg = runtime.model_config_for(config, self.data)
@@ -133,10 +134,8 @@ class PPOTrainer:
             self.policy.reset_value_head(c.trainer.seed)
         resume = runtime.resume_source(c)
         if resume is not None:
-            if getattr(self.critic, "engine", None) is not None:  # a separate critic: its own dir
-                load_checkpoint(Path(resume) / "critic", self.critic.engine.module,
-                                optimizer=self.critic.engine.optimizer)
-                self.critic.engine._sync_param_copies()
+            if self._separate_critic() is not None:  # critic/ in the same checkpoint
+                self.critic.load(_critic_dir_of(resume))
             state = load_checkpoint(resume, self.policy.module, optimizer=self.policy.optimizer, load_rng=True)
             self.step, self.best_accuracy = state["step"], state.get("best_accuracy")
             self.sampler.load_state_dict(state["sampler"])
@@ -293,14 +292,20 @@ class PPOTrainer:
         ckpt_dir = Path(self.config.trainer.output_dir) / "checkpoints"
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "metrics": metrics,
                  "best_accuracy": self.best_accuracy, "job": "ppo", "reference": self.config.model.load}
+        separate = self._separate_critic()
         save_checkpoint(ckpt_dir / name, self.policy.module, self.model_cfg, optimizer=self.policy.optimizer,
-                        trainer_state=state, tokenizer=self.data.tokenizer, update_latest=update_latest,
-                        carry_from=self.config.model.load)
-        if getattr(self.critic, "engine", None) is not None:  # a separate critic, same step
-            save_checkpoint(ckpt_dir / name / "critic", self.critic.engine.module, self.model_cfg,
-                            optimizer=self.critic.engine.optimizer, tokenizer=self.data.tokenizer,
-                            update_latest=False, carry_from=self.config.critic.load or self.config.model.load)
+                        trainer_state=state, tokenizer=self.data.tokenizer,
+                        update_latest=update_latest and separate is None, carry_from=self.config.model.load)
+        if separate is not None:  # a separate critic (here or on its own ranks): same step, then `latest`
+            separate.save(ckpt_dir / name / "critic", self.model_cfg, tokenizer=self.data.tokenizer,
+                             carry_from=self.config.critic.load or self.config.model.load)
+            if update_latest and runtime.rank() == 0:
+                mark_latest(ckpt_dir / name)
         prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
+
+    def _separate_critic(self):
+        """The critic when it has a model of its own to save and resume (critic.mode=separate)."""
+        return self.critic if self.critic is not None and not self.critic.shared else None
 
     def train(self) -> dict:
         t = self.config.trainer
@@ -337,14 +342,33 @@ class PPOTrainer:
             self.save(f"step_{self.step}", metrics)
         logger.close(final_checkpoint=Path(t.output_dir) / "checkpoints" / f"step_{self.step}")
         self.scorer.close()
+        if self.critic is not None:  # (online-st has none)
+            self.critic.close()  # a critic on its own ranks stops serving
         return metrics
+
+
+def _critic_dir_of(checkpoint) -> Path:
+    critic = Path(checkpoint) / "critic"
+    if not (critic / "model.yaml").is_file():
+        raise ConfigError(f"critic.mode: separate, but {checkpoint} has no critic/ checkpoint (it was "
+                          "written with critic.mode=shared); resume with critic.mode=shared")
+    return critic
 
 
 @runtime.exit_on_config_error
 def main(argv=None) -> int:
     args = runtime.parse_job_args(argv, "ppo", "ReFT PPO from a warm-up checkpoint (reft.md §4).")
     config = runtime.load_and_validate(args.config, args.overrides, job="ppo")
-    PPOTrainer(config).train()
+    from megatron_reft.distributed.roles import current_role
+
+    launch = runtime.start(config, job="ppo")  # a split world when the critic has its own ranks
+    role = current_role()
+    if role is not None and role.name == "critic":
+        from megatron_reft.critic_server import run_critic_role
+
+        run_critic_role(config)
+    else:
+        PPOTrainer(config, launch).train()
     from megatron_reft.distributed.init import shutdown
 
     shutdown()
