@@ -89,6 +89,7 @@ def run_demo(out: Path, base_config: str | None = None, overrides: list[str] = (
 
     summary = {"sft_best_accuracy": curve[best_epoch], "sft_best_epoch": best_epoch,
                "warmup_accuracy": curve.get(warmup_epoch), "warmup_epoch": warmup_epoch,
+               "warmup_checkpoint": str(warmup_ckpt),
                "reft_accuracy": reft_accuracy, "reft_best_accuracy": max(reft_curve.values(), default=None),
                "reft_minus_sft_best": None if reft_accuracy is None else reft_accuracy - curve[best_epoch],
                "sft_curve": {str(e): a for e, a in sorted(curve.items())},
