@@ -41,13 +41,12 @@ def _warmup_epoch(config) -> int:
     return config.trainer.keep_epochs[0]
 
 
-def _epoch_checkpoint(run_dir: Path, epoch: int, epochs: int) -> Path:
+def _epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
     """The checkpoint written at the end of `epoch` (checkpoints are named by step)."""
-    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    steps_per_epoch = max(steps) // epochs
-    ckpt = run_dir / "checkpoints" / f"step_{epoch * steps_per_epoch}"
+    steps = [r["step"] for r in _metrics(run_dir) if abs(r["epoch"] - epoch) < 1e-9]
+    ckpt = run_dir / "checkpoints" / f"step_{steps[0] if steps else '?'}"
     if not ckpt.is_dir():
-        raise RuntimeError(f"{ckpt}: the warm-up checkpoint was not kept (trainer.keep_epochs)")
+        raise RuntimeError(f"{ckpt}: no checkpoint of epoch {epoch} was kept (trainer.keep_epochs, trainer.epochs)")
     return ckpt
 
 
@@ -73,7 +72,7 @@ def run_demo(out: Path, base_config: str | None = None, overrides: list[str] = (
     run_sft(sft_config)
     seconds["sft"] = time.perf_counter() - t0
     curve = sft_epoch_accuracies(out / "sft")
-    warmup_ckpt = _epoch_checkpoint(out / "sft", warmup_epoch, sft_config.trainer.epochs)
+    warmup_ckpt = _epoch_checkpoint(out / "sft", warmup_epoch)
     best_epoch = max(curve, key=lambda e: (curve[e], -e))  # the first epoch reaching the best accuracy
     runtime.print0(f"SFT held-out accuracy per epoch: {curve}; warm-up = epoch {warmup_epoch}")
 

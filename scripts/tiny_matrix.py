@@ -3,7 +3,7 @@ self-training and the paper's ablations (β = 0, no partial reward), all on the 
 (configs/demo_cpu*.yaml, synthetic level 6 "held-out equations") and the same held-out items.
 
     python scripts/tiny_matrix.py --out runs/tiny_matrix [--seeds 1234 1 2] [--methods reft online_st beta0 no_partial]
-                                  [--ppo-steps 80] [--collect-only]
+                                  [--ppo-steps 60] [--collect-only]
 
 Per seed: `megatron-reft demo` (one SFT run: greedy held-out accuracy every epoch → SFT best, and
 the epoch-3 warm-up; ReFT PPO from the warm-up), then each extra method from the same warm-up in
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/tiny_matrix")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["reft", *EXTRA], choices=["reft", *EXTRA])
-    parser.add_argument("--ppo-steps", type=int, default=80, help="rollout batches per RL method (demo: 80)")
+    parser.add_argument("--ppo-steps", type=int, default=60, help="rollout batches per RL method (demo: 60)")
     parser.add_argument("--collect-only", action="store_true", help="only write the table from finished runs")
     args = parser.parse_args(argv)
     out = Path(args.out)

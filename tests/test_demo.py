@@ -1,9 +1,10 @@
 """A shortened quickstart: synthetic task → SFT (baseline + warm-up) → ReFT PPO, end to end.
 
 SFT's per-epoch held-out accuracy must give `sft_best_accuracy` (its best epoch) and the warm-up
-(epoch 3, kept from pruning); training reward must rise under PPO, and the run must leave
-summary.json and report.md with plots. Shortened from `megatron-reft demo`: 4 of the 8 planned
-SFT epochs, 30 PPO steps and 100 held-out items instead of 8, 80 and 200 (a few minutes on 2 cores).
+(the epoch in trainer.keep_epochs); training reward must rise under PPO, and the run must leave
+summary.json and report.md with plots. Shortened from `megatron-reft demo`: a 4-epoch SFT schedule
+with an epoch-3 warm-up, 30 PPO steps and 100 held-out items instead of 8 epochs (warm-up: the
+last), 80 steps and 200 items (a few minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _demo_worker(rank, world, out_dir):
 
     summary = run_demo(Path(out_dir), overrides=["trainer.progress_bar=false", "trainer.tensorboard=false",
                                                  "data.synthetic_eval_items=100"],
-                       sft_overrides=["trainer.epochs=4"],
+                       sft_overrides=["trainer.epochs=4", "optim.planned_epochs=4", "trainer.keep_epochs=[3]"],
                        ppo_overrides=["trainer.max_steps=30", "trainer.eval_interval=30"])
     shutdown()
     return summary
