@@ -50,3 +50,33 @@ def test_shortened_quickstart_shows_reft_learning(tmp_path):
     assert (tmp_path / "summary.json").is_file()
     report = (tmp_path / "report.md").read_text()
     assert "![ppo](ppo.png)" in report and (tmp_path / "ppo.png").stat().st_size > 1000
+
+
+def _write_rows(run_dir: Path, rows: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_matrix_table_from_run_directories(tmp_path):
+    # scripts/tiny_matrix.py --collect-only on hand-written run directories: final accuracy per
+    # method, "–" for a method not run yet, means over the seeds that have each method.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_matrix", Path(__file__).parents[1] / "scripts" / "tiny_matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    for seed, (sft_best, warmup, reft) in {1: (0.2, 0.1, 0.3), 2: (0.25, 0.2, 0.2)}.items():
+        seed_dir = tmp_path / f"seed{seed}"
+        _write_rows(seed_dir / "ppo", [{"step": 10, "eval_accuracy": reft + 0.05}, {"step": 20, "eval_accuracy": reft}])
+        seed_dir.joinpath("summary.json").write_text(json.dumps({"sft_best_accuracy": sft_best,
+                                                                 "warmup_accuracy": warmup}))
+    _write_rows(tmp_path / "seed1" / "beta0", [{"step": 20, "eval_accuracy": 0.05}])
+    assert matrix.main(["--out", str(tmp_path), "--seeds", "1", "2", "--methods", "reft", "beta0",
+                        "--collect-only"]) == 0
+    lines = (tmp_path / "matrix.md").read_text().splitlines()
+    assert lines[0] == "| seed | SFT (best epoch) | warm-up | ReFT | ReFT β=0 |"
+    assert lines[2] == "| 1 | 20.0 % | 10.0 % | 30.0 % | 5.0 % |"
+    assert lines[3] == "| 2 | 25.0 % | 20.0 % | 20.0 % | – |"
+    assert lines[4] == "| mean of 2 | **22.5 %** | **15.0 %** | **25.0 %** | **5.0 %** |"
+    data = json.loads((tmp_path / "matrix.json").read_text())
+    assert data["per_seed"]["1"]["reft"] == {"final": 0.3, "best": 0.35, "steps": 20}
