@@ -82,13 +82,20 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f} %"
 
 
-def table(out: Path, seeds: list[int], methods: list[str]) -> tuple[str, dict]:
+def _cell(result, ppo_steps: int) -> str:
+    if not result:
+        return "–"
+    unfinished = result.get("steps", ppo_steps) < ppo_steps  # a run still going: its latest evaluation
+    return _percent(result["final"]) + (f" (step {result['steps']})" if unfinished else "")
+
+
+def table(out: Path, seeds: list[int], methods: list[str], ppo_steps: int) -> tuple[str, dict]:
     columns = ["sft_best", "warmup", *methods]
     per_seed = {seed: seed_results(out / f"seed{seed}", methods)
                 for seed in seeds if (out / f"seed{seed}" / "summary.json").is_file()}
     lines = ["| seed | " + " | ".join(LABELS[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for seed, results in per_seed.items():
-        cells = [_percent(results[c]["final"]) if results[c] else "–" for c in columns]
+        cells = [_cell(results[c], ppo_steps) for c in columns]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     means = {}
     for c in columns:
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
     if not args.collect_only:
         for seed in args.seeds:
             run_seed(out, seed, args.methods, args.ppo_steps)
-    markdown, data = table(out, args.seeds, args.methods)
+    markdown, data = table(out, args.seeds, args.methods, args.ppo_steps)
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.md").write_text(markdown)
     (out / "matrix.json").write_text(json.dumps(data, indent=2) + "\n")

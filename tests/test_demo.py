@@ -72,7 +72,7 @@ def test_matrix_table_from_run_directories(tmp_path):
                                                                  "warmup_accuracy": warmup}))
     _write_rows(tmp_path / "seed1" / "beta0", [{"step": 20, "eval_accuracy": 0.05}])
     assert matrix.main(["--out", str(tmp_path), "--seeds", "1", "2", "--methods", "reft", "beta0",
-                        "--collect-only"]) == 0
+                        "--collect-only", "--ppo-steps", "20"]) == 0
     lines = (tmp_path / "matrix.md").read_text().splitlines()
     assert lines[0] == "| seed | SFT (best epoch) | warm-up | ReFT | ReFT β=0 |"
     assert lines[2] == "| 1 | 20.0 % | 10.0 % | 30.0 % | 5.0 % |"
