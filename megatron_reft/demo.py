@@ -62,7 +62,8 @@ def run_demo(out: Path, base_config: str | None = None, overrides: list[str] = (
     seconds = {}
 
     # SFT, the paper's baseline and the warm-up in one run (reft.md §5-§6): greedy held-out accuracy
-    # at every epoch end; SFT = its best epoch, the warm-up = an early epoch kept from pruning.
+    # at every epoch end; SFT = its best epoch, the warm-up = the epoch trainer.keep_epochs protects
+    # (the quickstart: the last, see configs/demo_cpu.yaml for why not an early one).
     runtime.print0("== 1/2 SFT (greedy held-out accuracy every epoch)")
     t0 = time.perf_counter()
     sft_config = _config(base_config, out, "sft", list(overrides) + common + list(sft_overrides)
