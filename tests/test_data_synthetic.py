@@ -133,3 +133,87 @@ def test_load_hf_tokenizer_directory(tmp_path):
     assert loaded.kind == "hf" and loaded.encode("Tom has 3") == [5, 6, 7]  # no BOS, no EOS
     assert (loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (2, 2, 8)  # pad falls back to EOS
     assert loaded.decode([5, 6, 2]) == "Tom has"
+
+
+# --- level 6, "held-out equations": the task where SFT's best epoch is a meaningful baseline ----
+
+def _equation_table(records):
+    from megatron_reft.data.synthetic_heldout import record_equations
+
+    return {eq for record in records for eq in record_equations(record.meta["ncot"])}
+
+
+def _question_steps(record):
+    """(start, [(op, operand)] in question order) read back from the question text."""
+    from megatron_reft.data.synthetic import PHRASES
+
+    numbers = [int(x) for x in re.findall(r"\d+", record.question)]
+    ops = []
+    for sentence in record.question.split(". ")[1:-1] + [record.question.split(". ")[-1].split("?")[0]]:
+        for op, phrases in PHRASES.items():
+            if any(sentence.startswith(p[0].split("{x}")[0].format(P=sentence.split()[0], p="")) for p in phrases):
+                ops.append(op)
+                break
+    return numbers[0], list(zip(ops, numbers[1:]))
+
+
+def _memoriser_solves(record, table) -> bool:
+    """A model that memorised every train CoT's equations and tries every valid step order: it
+    solves an item only if some order uses nothing but equations it has seen."""
+    import itertools
+
+    from megatron_reft.data.synthetic_heldout import SYMBOL, replay
+
+    start, ops = _question_steps(record)
+    for order in itertools.permutations(ops):
+        path = replay(start, list(order), LEVELS[6].max_value)
+        if path and all((b, SYMBOL[op], x) in table for b, op, x, _ in path):
+            assert str(path[-1][3]) == record.answer
+            return True
+    return False
+
+
+def test_heldout_equations_split_is_disjoint_and_deterministic():
+    train, test = make_synthetic_splits(2000, 200, seed=0, difficulty=6)
+    assert (len(train), len(test)) == (2000, 200)
+    assert not {r.question for r in train} & {r.question for r in test}
+    assert len({r.id for r in train + test}) == 2200
+    assert train == make_synthetic_records(2000, seed=0, difficulty=6)
+    assert (train, test) == make_synthetic_splits(2000, 200, seed=0, difficulty=6)
+    # not even the numbers of a question are shared (names/objects aside)
+    assert not {str(_question_steps(r)) for r in train} & {str(_question_steps(r)) for r in test}
+
+
+def test_memorising_the_train_equations_solves_train_but_no_heldout_item():
+    train, test = make_synthetic_splits(2000, 200, seed=0, difficulty=6)
+    table = _equation_table(train)
+    assert all(_memoriser_solves(r, table) for r in train[:300])
+    assert not any(_memoriser_solves(r, table) for r in test)
+    # every held-out annotated path shows at least one equation absent from all train CoTs
+    assert all(set(_equation_table([r])) - table for r in test)
+
+
+def test_train_items_have_other_valid_paths_through_heldout_equations():
+    # What RL can use and SFT cannot: a train question's other valid orders meet equations that
+    # no train CoT shows (the answer reward accepts every order).
+    import itertools
+
+    from megatron_reft.data.synthetic_heldout import SYMBOL, replay
+
+    train, _ = make_synthetic_splits(2000, 200, seed=0, difficulty=6)
+    table = _equation_table(train)
+    with_unseen_path, orders_differ = 0, 0
+    for record in train[:500]:
+        start, ops = _question_steps(record)
+        paths = [p for p in (replay(start, list(o), LEVELS[6].max_value) for o in itertools.permutations(ops)) if p]
+        assert {str(p[-1][3]) for p in paths} == {record.answer}  # every valid order reaches the answer
+        with_unseen_path += any((b, SYMBOL[op], x) not in table for p in paths for b, op, x, _ in p)
+        orders_differ += [(b, SYMBOL[op], x) for b, op, x, _ in paths[0]] != _equation_table_list(record)
+    assert with_unseen_path > 100, with_unseen_path
+    assert orders_differ > 100, orders_differ  # annotated paths are not always the question's order
+
+
+def _equation_table_list(record):
+    from megatron_reft.data.synthetic_heldout import record_equations
+
+    return record_equations(record.meta["ncot"])

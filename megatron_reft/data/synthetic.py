@@ -55,6 +55,9 @@ class Difficulty:
     max_operand: int    # largest number that appears in a question (mul/div factors stay <= 5/9)
     max_value: int      # largest running total (and answer)
     ops: tuple[str, ...]
+    # > 0: the "held-out equations" task (synthetic_heldout.py): this fraction of the equations
+    # "a op b" is reserved for held-out items, every CoT is one of the valid step orders.
+    held_out_equations: float = 0.0
 
 
 LEVELS = {
@@ -63,6 +66,9 @@ LEVELS = {
     3: Difficulty(2, 3, 20, 100, ("add", "sub", "mul")),
     4: Difficulty(3, 4, 20, 100, ("add", "sub", "mul", "div")),
     5: Difficulty(4, 5, 50, 200, ("add", "sub", "mul", "div")),
+    # Held-out items need an equation no train CoT shows, whatever step order they take; train
+    # items' other valid orders do use them (docs/data.md, "Held-out equations").
+    6: Difficulty(2, 3, 10, 20, ("add", "sub"), held_out_equations=0.3),
 }
 
 
@@ -134,25 +140,30 @@ def _program(question: str, obj: str, start: int, steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def _make_item(rng: random.Random, level: Difficulty) -> dict:
+def _make_item(rng: random.Random, level: Difficulty, seed: int = 0) -> dict:
     name, pronoun = rng.choice(PEOPLE)
     obj = rng.choice(OBJECTS)
     start, steps = _sample_steps(rng, level)
     question = _question(name, pronoun, obj, start, steps)
+    split = None
+    if level.held_out_equations:  # the CoT takes one valid step order, the item belongs to one split
+        from megatron_reft.data.synthetic_heldout import annotate_order
+
+        split, steps = annotate_order(rng, start, steps, level, seed)
     return {"question": question, "answer": str(steps[-1].after),
             "ncot": _ncot(name, pronoun, obj, start, steps), "pcot": _program(question, obj, start, steps),
-            "steps": len(steps)}
+            "steps": len(steps), "split": split}
 
 
-def _unique_items(n: int, seed: int, level: Difficulty) -> list[dict]:
-    """The first n items of the seed's stream with distinct questions."""
+def _unique_items(n: int, seed: int, level: Difficulty, split: str | None = None) -> list[dict]:
+    """The first n items of the seed's stream with distinct questions (of that split, if given)."""
     rng = random.Random(seed)
     items, seen = [], set()
     for _ in range(50 * n + 1000):
         if len(items) == n:
             return items
-        item = _make_item(rng, level)
-        if item["question"] not in seen:
+        item = _make_item(rng, level, seed)
+        if item["split"] == split and item["question"] not in seen:
             seen.add(item["question"])
             items.append(item)
     if len(items) == n:
@@ -167,20 +178,32 @@ def _to_record(index: int, item: dict, cot_type: str, difficulty) -> Record:
                         "difficulty": level_name})
 
 
+def _train_split(level: Difficulty) -> str | None:
+    return "train" if level.held_out_equations else None
+
+
 def make_synthetic_records(n: int, seed: int = 0, difficulty=2, cot_type: str = "ncot") -> list[Record]:
     """n items with distinct questions; record.cot is the N-CoT or the program (cot_type), and
-    record.meta holds both ("ncot", "pcot") plus the step count. Ids: synthetic_0 ... synthetic_{n-1}."""
+    record.meta holds both ("ncot", "pcot") plus the step count. Ids: synthetic_0 ... synthetic_{n-1}.
+    With held-out equations these are train items (the held-out ones only come from the splits)."""
     check_cot_type(cot_type)
     level = get_difficulty(difficulty)
-    return [_to_record(i, item, cot_type, difficulty) for i, item in enumerate(_unique_items(n, seed, level))]
+    items = _unique_items(n, seed, level, _train_split(level))
+    return [_to_record(i, item, cot_type, difficulty) for i, item in enumerate(items)]
 
 
 def make_synthetic_splits(n_train: int, n_test: int, seed: int = 0, difficulty=2,
                           cot_type: str = "ncot") -> tuple[list[Record], list[Record]]:
     """Train and held-out test items from one stream: no question appears in both, and the train
-    part equals make_synthetic_records(n_train, seed, difficulty). Test ids continue the numbering."""
-    records = make_synthetic_records(n_train + n_test, seed, difficulty, cot_type)
-    return records[:n_train], records[n_train:]
+    part equals make_synthetic_records(n_train, seed, difficulty). Test ids continue the numbering.
+    With held-out equations (level 6) the test items are those no train-equation path solves."""
+    level = get_difficulty(difficulty)
+    if not level.held_out_equations:
+        records = make_synthetic_records(n_train + n_test, seed, difficulty, cot_type)
+        return records[:n_train], records[n_train:]
+    train = make_synthetic_records(n_train, seed, difficulty, cot_type)
+    test = _unique_items(n_test, seed, level, "test")
+    return train, [_to_record(n_train + i, item, cot_type, difficulty) for i, item in enumerate(test)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +216,9 @@ def tokenizer_training_texts(records: list[Record]) -> list[str]:
     A fixed sample of every difficulty level is added, so one tokenizer covers every phrase
     template whatever level the given records were drawn at (still a pure function of records).
     """
-    coverage = [record for level in sorted(LEVELS) for record in make_synthetic_records(300, 12345, level)]
+    # level 6 reuses level 1-2 phrases; leaving it out keeps the tokenizer of the other levels unchanged
+    plain = [level for level in sorted(LEVELS) if not LEVELS[level].held_out_equations]
+    coverage = [record for level in plain for record in make_synthetic_records(300, 12345, level)]
     texts = [INSTRUCTION + COT_TRIGGER + ANSWER_TRIGGER]
     for record in list(records) + coverage:
         texts.append(build_prompt(record.question))

@@ -143,7 +143,7 @@ class OnlineSTTrainer(PPOTrainer):
                                 scores=torch.cat([scores, torch.zeros(n)]))
         self._combined = combined  # PPOTrainer.train() calls update(batch, timer)
         return {"scores": scores, "correct": torch.tensor([float(r.correct) for r in results]),
-                "statuses": [r.status for r in results]}
+                "statuses": [r.status for r in results], "results": results}  # results: trainer.sample_interval
 
     def update(self, batch, timer) -> dict:
         p, t = self.config.ppo, self.config.trainer
