@@ -25,20 +25,7 @@
 REFT_KIND=ppo REFT_SCRIPT=slurm/reft_ppo.sh REFT_NEEDS_CONFIG=1 REFT_PLAN_JOB=ppo
 REFT_COMMAND=(ppo)
 
-reft_ppo_prepare() {  # a run directory as model.load → its latest checkpoint
-  local given
-  given=$(reft_override model.load)
-  if [ -n "$given" ] && [ "$given" != null ]; then
-    local resolved
-    resolved=$(reft_resolve_checkpoint "$given")
-    if [ "$resolved" != "$given" ]; then
-      reft_set_override model.load "$resolved"
-      reft_log "model.load: $given -> $resolved"
-    fi
-  fi
-  return 0
-}
-REFT_PREPARE=reft_ppo_prepare
+REFT_PREPARE=reft_resolve_load_override  # a run directory as model.load → its latest checkpoint
 # sbatch runs a copy of this file from Slurm's spool directory: find the checkout (REFT_HOME,
 # else the submit directory, else the path the script was submitted as).
 _submitted=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | grep -o 'Command=[^ ]*' | head -n1 | cut -d= -f2)

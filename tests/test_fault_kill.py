@@ -101,8 +101,9 @@ def _assert_resumes_bit_exact(job: str, layout: str, out: Path, reference: Path,
     return stdout
 
 
-# rank 0 of PPO: it holds the run lock, writes metrics and runs the reward sandbox's workers
-@pytest.mark.parametrize("job,layout,victim", [("sft", "pp2", 1), ("ppo", "tp2", 0)])
+# rank 0 of PPO: it holds the run lock, writes metrics and runs the reward sandbox's workers;
+# rank 1 of PPO at PP=2: the last stage, which computes the logits, values and losses
+@pytest.mark.parametrize("job,layout,victim", [("sft", "pp2", 1), ("ppo", "tp2", 0), ("ppo", "pp2", 1)])
 def test_kill_9_of_a_rank_during_training_leaves_nothing_and_resumes_bit_exact(tmp_path, reference, job, layout,
                                                                                victim):
     out, tag = tmp_path / "run", f"kill-{job}-{layout}-{tmp_path.name}"
