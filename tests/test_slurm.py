@@ -28,6 +28,7 @@ import pytest
 
 import slurm_cluster
 from fault_utils import TAG_VAR, tagged_pids, wait_for_no_processes
+from fault_utils import tensors as _tensors
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--ntasks-per-node=2", "--gpus-per-node=0"]
@@ -319,3 +320,27 @@ def _argv0(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_split_world_ppo_job_on_three_tasks(slurm_env, sft_job):
+    """The separate critic on a rank of its own from one allocation (issue 12): 3 tasks, actor ranks
+    0-1 (DP=2), critic rank 2, 2 PPO steps. The test node declares 2 CPUs, so the third task comes
+    from `--overcommit` (what a user does to run more tasks than CPUs), not from a changed cluster."""
+    sft_run = sft_job[2]
+    job, rc = run_job(slurm_env, ["--ntasks-per-node=3", "--gpus-per-node=0", "--overcommit",
+                                  "slurm/reft_ppo.sh", "configs/tiny_cpu.yaml", f"model.load={sft_run}",
+                                  "critic.mode=separate", "critic.world_size=1", "trainer.max_steps=2"]
+                      + PPO_ARGS[1:])
+    log = batch_log(slurm_env, job)
+    assert rc == 0, log[-3000:]
+    run = runs_root(slurm_env) / f"tiny_cpu-ppo-{job}"
+    assert latest(run) == "step_2" and [m["step"] for m in metrics(run)] == [1, 2]
+    assert all(m["value_loss"] > 0 and "critic_update_time" in m for m in metrics(run))
+    critic = run / "checkpoints" / "step_2" / "critic"
+    assert critic.is_dir() and list((critic / "rng").glob("rank_*.pt")), sorted(critic.rglob("*"))[:20]
+    assert any("value_head" in k for k in _tensors(critic))
+    logs = run / "logs" / f"job{job}.0"
+    assert sorted(p.name for p in logs.glob("rank_*.log")) == ["rank_0.log", "rank_1.log", "rank_2.log"]
+    assert ("layout: world=3 = actor ranks 0-1 (TP=1 PP=1 DP=2) + critic ranks 2-2 (TP=1 PP=1 DP=1)"
+            in (logs / "rank_0.log").read_text())
+    assert "memory plan: ppo" in log and "starting 3 rank(s)" in log

@@ -4,7 +4,8 @@ would: torchrun, 3 gloo processes, the tiny CPU config.
 - 1 actor rank + 2 critic ranks (critic PP=2): N steps straight equal N/2 + resume + N/2 (every
   metric, every tensor of both roles' checkpoints, optimizer states included);
 - the critic resumes at another layout (TP=2) from the same checkpoint;
-- a killed critic rank and a hung one end the job, named, within the limits.
+- a killed critic rank and a hung one end the job, named, within the limits; and vice versa a
+  killed actor rank (rank 0, the lead the critic serves) ends the critic ranks and the job.
 """
 from __future__ import annotations
 
@@ -128,5 +129,29 @@ def test_hung_critic_rank_ends_the_job_within_the_hang_timeout(tmp_path):
         stuck_for = float(hang[0].split(" for ")[1].split(" s ")[0])
         assert 8 <= stuck_for < 12  # within the hang timeout (plus the watchdog's poll)
         assert not wait_for_no_processes(tag, 30)
+    finally:
+        kill_all(tag)
+
+
+def test_killed_actor_lead_ends_the_critic_ranks_naming_it(tmp_path):
+    """Vice versa: kill -9 of the actor's lead rank 0 (the one rank the critic talks to) ends the
+    critic rank and the job within 60 s, the dead rank named, no process left behind."""
+    import os
+
+    out, tag = tmp_path / "kill_actor", "splitkillactor-" + tmp_path.name
+    job = _start(out, tag)  # actor ranks 0-1 (DP=2), critic rank 2
+    try:
+        wait_for(lambda: latest(out) is not None, 240, "a first checkpoint", job)
+        critic = _rank_pid(job.pid, 2)
+        victim = _rank_pid(job.pid, 0)
+        assert victim is not None and critic is not None
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = job.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 60 and job.returncode != 0
+        # the critic's line when it saw it first ("actor lead rank 0 is gone ..."), else torchrun's
+        assert "actor lead rank 0" in err or "rank      : 0" in err, err[-3000:]
+        assert not wait_for_no_processes(tag, 30)  # the critic rank included
+        assert not Path(f"/proc/{critic}/cmdline").is_file() or not Path(f"/proc/{critic}/cmdline").read_bytes()
     finally:
         kill_all(tag)
