@@ -124,7 +124,11 @@ def node_name() -> str:
 
 
 def render_conf(cpus: int | None = None) -> str:
-    cpus = max(2, cpus or os.cpu_count() or 2)
+    # At least 4 task slots whatever the machine has: the split-world PPO job (issue 12) runs 3 tasks
+    # (actor 2 + critic 1) on this one node, and sbatch refuses --ntasks-per-node above the
+    # node's CPUs even with --overcommit. Tasks are processes; with config_overrides the count is
+    # what we declare. The scripts ask for --exclusive, so jobs still run one at a time.
+    cpus = max(4, cpus or os.cpu_count() or 2)
     r = ROOT
     return "\n".join([
         "# written by tests/slurm_cluster.py: a one-node test cluster",

@@ -324,10 +324,9 @@ def _argv0(pid: int) -> str:
 
 def test_split_world_ppo_job_on_three_tasks(slurm_env, sft_job):
     """The separate critic on a rank of its own from one allocation (issue 12): 3 tasks, actor ranks
-    0-1 (DP=2), critic rank 2, 2 PPO steps. The test node declares 2 CPUs, so the third task comes
-    from `--overcommit` (what a user does to run more tasks than CPUs), not from a changed cluster."""
+    0-1 (DP=2), critic rank 2, 2 PPO steps (the test node declares 4 CPUs for this: slurm_cluster.py)."""
     sft_run = sft_job[2]
-    job, rc = run_job(slurm_env, ["--ntasks-per-node=3", "--gpus-per-node=0", "--overcommit",
+    job, rc = run_job(slurm_env, ["--ntasks-per-node=3", "--gpus-per-node=0",
                                   "slurm/reft_ppo.sh", "configs/tiny_cpu.yaml", f"model.load={sft_run}",
                                   "critic.mode=separate", "critic.world_size=1", "trainer.max_steps=2"]
                       + PPO_ARGS[1:])
