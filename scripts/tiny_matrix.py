@@ -6,7 +6,7 @@ self-training and the paper's ablations (β = 0, no partial reward), all on the 
                                   [--ppo-steps 60] [--collect-only]
 
 Per seed: `megatron-reft demo` (one SFT run: greedy held-out accuracy every epoch → SFT best, and
-the epoch-3 warm-up; ReFT PPO from the warm-up), then each extra method from the same warm-up in
+the warm-up = the last SFT epoch; ReFT PPO from the warm-up), then each extra method from the same warm-up in
 its own run directory. Finished runs are skipped, so rerunning the command continues a matrix.
 Writes OUT/matrix.md and OUT/matrix.json (final and best held-out greedy accuracy per method).
 """
