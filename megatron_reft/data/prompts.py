@@ -11,6 +11,7 @@ that they are exactly the first ids of the SFT sequence: the policy continues fr
 boundary SFT showed it (reft.md §2, "watch the tokenizer boundary at that seam"; docs/data.md,
 "Tokenizer seams").
 """
+import functools
 from dataclasses import dataclass
 
 from megatron_reft.data.records import LoadReport, Record, check_policy
@@ -53,17 +54,26 @@ def encode_pcot_prefill(tokenizer, question: str) -> tuple[list[int], str]:
     Why cut there rather than encode the header (with its newline) on its own: tokens can cross
     the header's end in SFT's targets - a byte-level BPE (Galactica, OPT, SmolLM2) merges the
     newline with the next line's indentation (`"\n   "` + `" num"`), a SentencePiece model may
-    hold one piece for the closing quotes and the newline - so a prompt ending in the header's own last token puts
-    the policy at a boundary SFT never showed it (measured: most SmolLM2 programs then fail with
-    a SyntaxError). The policy writes the rest of the header itself, as it learned to in SFT.
+    hold one piece for the closing quotes and the newline - so a prompt ending in the header's
+    own last token puts the policy at a boundary SFT never showed it (measured with the old
+    prefill: 13 of 20 SmolLM2 programs after a short warm-up were SyntaxErrors). The policy
+    writes the rest of the header itself, as it learned to in SFT.
     """
+    ids, text = _pcot_prefill_split(tokenizer, question)
+    return list(ids), text
+
+
+@functools.lru_cache(maxsize=65536)
+def _pcot_prefill_split(tokenizer, question: str) -> tuple[tuple[int, ...], str]:
+    # Cached: the scorer reads the prefill of every response (K up to 100 per question in
+    # `eval --samples`), and a question's prefill never changes for a tokenizer object.
     header = pcot_prefill(question)
     ids = tokenizer.encode(header + "\n    ")  # a program's header, newline and indentation
     for n in range(len(ids), 0, -1):
         text = tokenizer.decode(ids[:n])
         if text and header.startswith(text):
-            return ids[:n], text
-    return [], ""
+            return tuple(ids[:n]), text
+    return (), ""
 
 
 def build_target(record: Record, cot_type: str) -> str:

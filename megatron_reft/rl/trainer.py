@@ -298,7 +298,7 @@ class PPOTrainer:
                         update_latest=update_latest and separate is None, carry_from=self.config.model.load)
         if separate is not None:  # a separate critic (here or on its own ranks): same step, then `latest`
             separate.save(ckpt_dir / name / "critic", self.model_cfg, tokenizer=self.data.tokenizer,
-                             carry_from=self.config.critic.load or self.config.model.load)
+                          carry_from=self.config.critic.load or self.config.model.load)
             if update_latest and runtime.rank() == 0:
                 mark_latest(ckpt_dir / name)
         prune_checkpoints(ckpt_dir, self.config.trainer.keep_last)
