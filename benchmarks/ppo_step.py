@@ -9,10 +9,13 @@ longest sequence. Ours runs the same algorithm through megatron-core (`Engine`, 
 micro-batches trimmed to their longest row, log-probs only at action positions, no entropy in
 the reference pass); `ours_before` is the same code with today's settings (megatron's
 attention, full-width micro-batches in batch order, every position scored, entropy in both
-log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; generation at a
-fixed length (EOS ignored) so all do the same decoding work; `--lengths synthetic` then cuts each
-response to a length drawn from the synthetic task's gold CoT lengths (what a trained policy
-emits), so the passes see realistic padding. Interleaved A B C A B C repeats; medians; ratios
+log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; EOS is
+ignored and each response instead ends at a drawn length: `--lengths fixed` gives every row
+`--new-tokens`, `--lengths synthetic` a length drawn from the synthetic task's gold CoT lengths
+(what a trained policy emits). Each method decodes as it would stop at EOS: ours drops a row when
+it reaches its length (the engine's compaction), HF `generate` keeps computing every row of its
+static batch until the longest is done (the reference's behaviour with EOS and padding); the
+passes then see realistic padding. Interleaved A B C A B C repeats; medians; ratios
 are medians of per-repeat ratios.
 
     python benchmarks/ppo_step.py [--preset cpu-small|quickstart] [--batch 32] [--new-tokens 64]
@@ -131,7 +134,9 @@ def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True,
                             max_total_length=args.prompt_len + args.new_tokens + 1)
     policy.module.eval()
-    out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed))
+    # Each row stops at its drawn length, as it would at its EOS in a real run (the engine drops
+    # finished rows); `--lengths fixed` gives every row the full length.
+    out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, response_caps=lengths))
     responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
     batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0)
     mbs = _plan(batch, args, fast)
@@ -166,7 +171,7 @@ def reference_step(hf, hf_ref, head, optimizer, prompts, lengths, scores, args, 
     def sample():
         torch.manual_seed(seed)
         return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                           temperature=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           temperature=1.0, max_new_tokens=max(lengths), min_new_tokens=max(lengths),
                            eos_token_id=0, pad_token_id=0)
 
     seqs = ph("generation", sample)
