@@ -99,6 +99,18 @@ def rope_cached_self_attention():
     from megatron.core.transformer.attention import SelfAttention
 
     class RopeCachedSelfAttention(SelfAttention):
+        def _allocate_memory(self, max_sequence_length, batch_size, dim, dtype):
+            """The static KV cache, stored batch-first ([b, groups, s, dim] in memory) and
+            handed out as megatron's [s, b, groups, dim] view: every write and slice megatron
+            and the engine make works on the view unchanged, while SDPA, which reads [b, groups,
+            s, dim], gets one contiguous (s, dim) block per row and group instead of keys
+            strided by b·groups·dim (~1.5x faster attention per CPU decode step at the
+            quickstart shape; the numbers are the same)."""
+            like = super()._allocate_memory(1, 1, dim, dtype)  # megatron's device choice
+            stored = torch.empty(batch_size, self.num_query_groups_per_partition, max_sequence_length, dim,
+                                 dtype=dtype, device=like.device)
+            return stored.permute(2, 0, 1, 3)
+
         def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                             *args, **kwargs):
             if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
