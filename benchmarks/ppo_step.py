@@ -11,8 +11,9 @@ the reference pass); `ours_before` is the same code with today's settings (megat
 attention, full-width micro-batches in batch order, every position scored, entropy in both
 log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; EOS is
 ignored and each response instead ends at a drawn length: `--lengths fixed` gives every row
-`--new-tokens`, `--lengths synthetic` a length drawn from the synthetic task's gold CoT lengths
-(what a trained policy emits). Each method decodes as it would stop at EOS: ours drops a row when
+`--new-tokens`, `--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths
+(synthetic difficulty 6: what a trained policy emits), scaled so the longest is `--new-tokens`;
+`--prompt-lengths synthetic` likewise draws prompt lengths from its questions (HF left-pads them). Each method decodes as it would stop at EOS: ours drops a row when
 it reaches its length (the engine's compaction), HF `generate` keeps computing every row of its
 static batch until the longest is done (the reference's behaviour with EOS and padding); the
 passes then see realistic padding. Interleaved A B C A B C repeats; medians; ratios
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="ours: token budget per micro-batch (default: micro-batch × longest sequence)")
+    p.add_argument("--prompt-lengths", choices=("fixed", "synthetic"), default="fixed",
+                   help="synthetic: prompt lengths of the quickstart task's questions, scaled so the longest "
+                        "is --prompt-len (HF left-pads them to the batch's longest, as the reference does)")
     p.add_argument("--lengths", choices=("fixed", "synthetic"), default="fixed",
                    help="response lengths: all --new-tokens, or drawn from the synthetic task (≤ --new-tokens)")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -91,19 +95,30 @@ def step_total(phases: dict, cpu: bool = False) -> float:
     return sum(v for k, v in phases.items() if k != "padding_fraction" and k.endswith("_cpu") == cpu)
 
 
-def synthetic_response_lengths(count: int, limit: int, seed: int) -> list[int]:
-    """Gold CoT + EOS token lengths of synthetic-task items (difficulty 1, the quickstart's), with
-    the quickstart's tokenizer, scaled so that the longest is `limit`."""
+def synthetic_lengths(count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(RL prompt, gold CoT + EOS) token lengths of `count` items of the quickstart's task
+    (synthetic difficulty 6, configs/demo_cpu.yaml) with its tokenizer."""
     import tempfile
 
     from megatron_reft.data import encode_sft_records, make_synthetic_records, train_synthetic_tokenizer
+    from megatron_reft.data.prompts import encode_rl_prompts
 
-    records = make_synthetic_records(max(count, 256), seed=seed, difficulty=1)
+    records = make_synthetic_records(max(count, 256), seed=seed, difficulty=6)[:count]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_synthetic_tokenizer(records, tmp)
         examples, _, _ = encode_sft_records(tokenizer, records, "ncot", 10_000)
-    lengths = [sum(e.loss_mask) for e in examples][:count]
-    return [max(1, round(n * limit / max(lengths))) for n in lengths]
+        prompts = encode_rl_prompts(tokenizer, records, "ncot", 10_000)
+    prompts = prompts[0] if isinstance(prompts, tuple) else prompts
+    return [len(p) for p in prompts], [sum(e.loss_mask) for e in examples]
+
+
+def scaled(lengths: list[int], longest: int) -> list[int]:
+    return [max(1, round(n * longest / max(lengths))) for n in lengths]
+
+
+def synthetic_response_lengths(count: int, limit: int, seed: int) -> list[int]:
+    """Gold CoT + EOS lengths of the quickstart's task, scaled so that the longest is `limit`."""
+    return scaled(synthetic_lengths(count, seed)[1], limit)
 
 
 def advantages(scores, old_lp, ref_lp, values, mask):
@@ -153,9 +168,9 @@ def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True
     return ph.seconds
 
 
-def hf_forward(model, head, tokens, labels):
+def hf_forward(model, head, tokens, labels, attention_mask):
     """The reference: full-vocabulary logits, fp32 log-softmax, value head on the last hidden state."""
-    hidden = model.model(input_ids=tokens).last_hidden_state
+    hidden = model.model(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
     logits = model.lm_head(hidden).float()
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     values = head(hidden).squeeze(-1).float() if head is not None else None
@@ -166,28 +181,32 @@ def reference_step(hf, hf_ref, head, optimizer, prompts, lengths, scores, args, 
     from megatron_reft.rl import ppo_math
 
     ph = Phases()
-    ids = torch.tensor(prompts, device=hf.device)
+    width = max(map(len, prompts))  # left-padded to the batch's longest prompt, as the reference does
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
 
     def sample():
         torch.manual_seed(seed)
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+        return hf.generate(ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
                            temperature=1.0, max_new_tokens=max(lengths), min_new_tokens=max(lengths),
                            eos_token_id=0, pad_token_id=0)
 
     seqs = ph("generation", sample)
-    seqs = seqs[:, :args.prompt_len + max(lengths)]  # right-padded to the batch's longest response
+    seqs = seqs[:, :width + max(lengths)]  # right-padded to the batch's longest response
     tokens, labels = seqs[:, :-1], seqs[:, 1:]
     mask = torch.zeros(labels.shape, device=hf.device)
+    attention = torch.zeros(tokens.shape, dtype=torch.long, device=hf.device)
     for row, n in enumerate(lengths):
-        mask[row, args.prompt_len - 1:args.prompt_len - 1 + n] = 1.0
+        mask[row, width - 1:width - 1 + n] = 1.0
+        attention[row, width - len(prompts[row]):width - 1 + n] = 1
     with torch.no_grad():
-        old_lp, values = ph("logprobs_policy", lambda: hf_forward(hf, head, tokens, labels))
-        ref_lp, _ = ph("logprobs_reference", lambda: hf_forward(hf_ref, None, tokens, labels))
+        old_lp, values = ph("logprobs_policy", lambda: hf_forward(hf, head, tokens, labels, attention))
+        ref_lp, _ = ph("logprobs_reference", lambda: hf_forward(hf_ref, None, tokens, labels, attention))
     adv, returns = ph("advantages", lambda: advantages(scores.to(hf.device), old_lp, ref_lp, values, mask))
 
     def update():
         optimizer.zero_grad()
-        lp, v = hf_forward(hf, head, tokens, labels)
+        lp, v = hf_forward(hf, head, tokens, labels, attention)
         loss, _ = ppo_math.ppo_loss(lp, old_lp, v, values, adv, returns, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(hf.parameters()) + list(head.parameters()), 1.0)
@@ -238,8 +257,11 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(3, model.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     scores = (torch.rand(args.batch, generator=g) > 0.5).float()
+    prompt_lengths, response_lengths = synthetic_lengths(args.batch, args.seed)
+    if args.prompt_lengths == "synthetic":
+        prompts = [p[:n] for p, n in zip(prompts, scaled(prompt_lengths, args.prompt_len))]
     lengths = ([args.new_tokens] * args.batch if args.lengths == "fixed"
-               else synthetic_response_lengths(args.batch, args.new_tokens, args.seed))
+               else scaled(response_lengths, args.new_tokens))
     table = {"ours": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, fast=True),
              "ours_before": lambda s: ours_step(*engines["ours_before"], prompts, lengths, scores, args, s, fast=False),
              "reference_hf": lambda s: reference_step(*hf_parts, prompts, lengths, scores, args, s)}
@@ -251,7 +273,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
         for name, fn in runs.items():
             phases[name].append(fn(r))
     result = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "lengths": args.lengths,
+              "new_tokens": args.new_tokens, "lengths": args.lengths, "prompt_lengths": args.prompt_lengths,
+              "mean_prompt_length": sum(map(len, prompts)) / len(prompts),
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
               "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
     step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}
