@@ -121,6 +121,36 @@ def synthetic_response_lengths(count: int, limit: int, seed: int) -> list[int]:
     return scaled(synthetic_lengths(count, seed)[1], limit)
 
 
+def needed_flops(model, prompt_lengths: list[int], response_lengths: list[int]) -> dict:
+    """Model FLOPs of the work each phase needs (shared/reference/measuring.md: 2·N per token and
+    layer matmul, causal attention 2·L·h·n² per sequence of n, the output layer only where a
+    token is sampled or scored; backward = 2× forward; no credit for padding or recomputation).
+    The same figure for every method, so FLOPs / time compares how close each gets to the machine."""
+    n_trunk = model.num_parameters(include_embeddings=False)
+    out_layer = 2 * model.hidden_size * model.vocab_size
+    forward = sum(2 * n_trunk * (p + r) + 2 * model.num_layers * model.hidden_size * (p + r) ** 2 + out_layer * r
+                  for p, r in zip(prompt_lengths, response_lengths))
+    return {"generation": forward, "logprobs_policy": forward, "logprobs_reference": forward,
+            "update": 2 * 3 * forward}  # two updates, forward + backward each
+
+
+def matmul_rate(model, device) -> float:
+    """FLOP/s of this device on the model's own widest trunk matmul (fp32 on CPU, bf16 on GPU):
+    the ceiling any method's dense work can approach here."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(4096, model.hidden_size, device=device, dtype=dtype)
+    b = torch.randn(model.hidden_size, model.ffn_hidden_size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        synchronize()
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+
+
 def advantages(scores, old_lp, ref_lp, values, mask):
     from megatron_reft.rl import ppo_math
 
@@ -277,6 +307,10 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "mean_prompt_length": sum(map(len, prompts)) / len(prompts),
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
               "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
+    flops = needed_flops(model, [len(p) for p in prompts], lengths)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result["matmul_gflops"] = round(matmul_rate(model, device) / 1e9, 1)
+    result["needed_gflops"] = {k: round(v / 1e9, 2) for k, v in flops.items()}
     step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}
     step_cpu = {name: [step_total(p, cpu=True) for p in runs_] for name, runs_ in phases.items()}
     for name, runs_ in phases.items():
@@ -284,6 +318,12 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
         result[name] = {"step_seconds_median": median, "samples_per_s": args.batch / median,
                         "step_cpu_seconds_median": statistics.median(step_cpu[name]),
                         "phases_median": {k: round(statistics.median(p[k] for p in runs_), 4) for k in runs_[0]}}
+        # Achieved needed-FLOP/s per phase as a share of the device's matmul rate (CPU seconds on
+        # a CPU: the process's own work): near 1, no kernel or scheduling change can gain more.
+        timing = "_cpu" if device.type == "cpu" else ""
+        result[name]["share_of_matmul_rate"] = {
+            k: round(f / statistics.median(p[k + timing] for p in runs_) / (result["matmul_gflops"] * 1e9), 3)
+            for k, f in flops.items()}
     if "ours" in phases:
         for other in (m for m in phases if m != "ours"):
             ratios = [b / a for a, b in zip(step["ours"], step[other])]
