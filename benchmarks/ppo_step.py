@@ -7,7 +7,9 @@ forward of the reference model → GAE → two AdamW updates on the full batch, 
 longest sequence. Ours runs the same algorithm through megatron-core (`Engine`, `generate`,
 `rl.ppo_math`) with issue 15's fast paths (SDPA attention, length-sorted token-budget
 micro-batches trimmed to their longest row, log-probs only at action positions, no entropy in
-the reference pass); `ours_before` is the same code with today's settings (megatron's
+the reference pass, and ppo.old_logprobs_from_rollout: the old log-probs, entropy and values are
+the ones the rollout engine computed while decoding, so `logprobs_policy` is only their slicing;
+`--no-rollout-logprobs` runs the policy's log-prob pass instead); `ours_before` is the same code with today's settings (megatron's
 attention, full-width micro-batches in batch order, every position scored, entropy in both
 log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; generation at a
 fixed length (EOS ignored) so all do the same decoding work; `--lengths synthetic` then cuts each
@@ -54,6 +56,9 @@ def parse_args(argv=None):
                    help="response lengths: all --new-tokens, or drawn from the synthetic task (≤ --new-tokens)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-rollout-logprobs", dest="rollout_logprobs", action="store_false",
+                   help="ours: recompute the old log-probs and values with a policy forward "
+                        "(ppo.old_logprobs_from_rollout off) instead of taking the rollout's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="step time over --batches × --lengths-sweep (ours vs HF)")
@@ -124,18 +129,23 @@ def _plan(batch, args, fast: bool):
 def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True):
     from megatron_reft.config import load_config
     from megatron_reft.generation import SamplingParams, generate
-    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats
+    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats, rollout_outputs
     from megatron_reft.rl.trainer import ppo_loss_fn
 
     ph = Phases()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True,
                             max_total_length=args.prompt_len + args.new_tokens + 1)
     policy.module.eval()
-    out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed))
+    captured = fast and args.rollout_logprobs  # ppo.old_logprobs_from_rollout
+    out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, return_logprobs=captured))
     responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
-    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0)
+    scores_of = {name: [row[:n] for row, n in zip(getattr(out, field), lengths)]
+                 for name, field in (("logprobs", "logprobs"), ("entropy", "entropies"), ("values", "values"))
+                 } if captured else None
+    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0, scores=scores_of)
     mbs = _plan(batch, args, fast)
-    old = ph("logprobs_policy", lambda: policy.forward(mbs))
+    device = next(policy.gpt.parameters()).device
+    old = ph("logprobs_policy", lambda: rollout_outputs(batch, mbs, device) if captured else policy.forward(mbs))
     ref = ph("logprobs_reference", lambda: reference.forward(mbs, with_entropy=not fast))
     old_lp, values = gather_forward(old, "logprobs", mbs, batch), gather_forward(old, "values", mbs, batch)
     ref_lp = gather_forward(ref, "logprobs", mbs, batch)
@@ -248,7 +258,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     result = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "lengths": args.lengths,
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats,
+              "rollout_logprobs": args.rollout_logprobs}
     step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}
     step_cpu = {name: [step_total(p, cpu=True) for p in runs_] for name, runs_ in phases.items()}
     for name, runs_ in phases.items():
