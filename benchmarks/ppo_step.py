@@ -9,8 +9,8 @@ longest sequence. Ours runs the same algorithm through megatron-core (`Engine`, 
 micro-batches trimmed to their longest row, log-probs only at action positions, no entropy in
 the reference pass, and ppo.old_logprobs_from_rollout: the old log-probs, entropy and values are
 the ones the rollout engine computed while decoding, so `logprobs_policy` is only their slicing;
-`--no-rollout-logprobs` runs the policy's log-prob pass instead); `ours_before` is the same code with today's settings (megatron's
-attention, full-width micro-batches in batch order, every position scored, entropy in both
+`--no-rollout-logprobs` runs the policy's log-prob pass instead); `ours_before` is the same code
+with today's settings (megatron's attention, full-width micro-batches in batch order, every position scored, entropy in both
 log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; generation at a
 fixed length (EOS ignored) so all do the same decoding work; `--lengths synthetic` then cuts each
 response to a length drawn from the synthetic task's gold CoT lengths (what a trained policy
@@ -139,10 +139,10 @@ def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True
     captured = fast and args.rollout_logprobs  # ppo.old_logprobs_from_rollout
     out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, return_logprobs=captured))
     responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
-    scores_of = {name: [row[:n] for row, n in zip(getattr(out, field), lengths)]
+    token_scores = {name: [row[:n] for row, n in zip(getattr(out, field), lengths)]
                  for name, field in (("logprobs", "logprobs"), ("entropy", "entropies"), ("values", "values"))
                  } if captured else None
-    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0, scores=scores_of)
+    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0, token_scores=token_scores)
     mbs = _plan(batch, args, fast)
     device = next(policy.gpt.parameters()).device
     old = ph("logprobs_policy", lambda: rollout_outputs(batch, mbs, device) if captured else policy.forward(mbs))

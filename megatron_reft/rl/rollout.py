@@ -32,8 +32,8 @@ class RolloutBatch:
 
 
 def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
-                        pad_id: int, scores: dict | None = None) -> RolloutBatch:
-    """`scores`: per-response-token lists from the rollout engine (name → one list per row,
+                        pad_id: int, token_scores: dict | None = None) -> RolloutBatch:
+    """`token_scores`: per-response-token lists from the rollout engine (name → one list per row,
     aligned with `responses`), kept as `rollout_outputs` at the action positions."""
     sequences = [p + r for p, r in zip(prompts, responses)]
     width = max(max(len(s) for s in sequences) - 1, 1)
@@ -47,7 +47,7 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], fi
         action_mask[row, len(prompt) - 1:len(prompt) - 1 + len(response)] = 1.0
     batch = RolloutBatch(tokens, labels, action_mask, [len(p) for p in prompts],
                          [len(r) for r in responses], list(finished))
-    batch.rollout_outputs = {name: at_actions(batch, per_token) for name, per_token in (scores or {}).items()}
+    batch.rollout_outputs = {name: at_actions(batch, per_token) for name, per_token in (token_scores or {}).items()}
     return batch
 
 
