@@ -7,16 +7,20 @@ forward of the reference model → GAE → two AdamW updates on the full batch, 
 longest sequence. Ours runs the same algorithm through megatron-core (`Engine`, `generate`,
 `rl.ppo_math`) with issue 15's fast paths (SDPA attention, length-sorted token-budget
 micro-batches trimmed to their longest row, log-probs only at action positions, no entropy in
-the reference pass); `ours_before` is the same code with today's settings (megatron's
-attention, full-width micro-batches in batch order, every position scored, entropy in both
-log-prob passes — with the fused log-prob/entropy kernel both share, so it understates the gain). Same architecture, weights and prompts; EOS is
-ignored and each response instead ends at a drawn length: `--lengths fixed` gives every row
-`--new-tokens`, `--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths
-(synthetic difficulty 6: what a trained policy emits), scaled so the longest is `--new-tokens`;
-`--prompt-lengths synthetic` likewise draws prompt lengths from its questions (HF left-pads them). Each method decodes as it would stop at EOS: ours drops a row when
-it reaches its length (the engine's compaction), HF `generate` keeps computing every row of its
-static batch until the longest is done (the reference's behaviour with EOS and padding); the
-passes then see realistic padding. Interleaved A B C A B C repeats; medians; ratios
+the reference pass, and ppo.old_logprobs_from_rollout: the old log-probs, entropy and values are
+the ones the rollout engine computed while decoding, so `logprobs_policy` is only their slicing;
+`--no-rollout-logprobs` runs the policy's log-prob pass instead); `ours_before` is the same code
+with today's settings (megatron's attention, full-width micro-batches in batch order, every
+position scored, entropy in both log-prob passes — with the fused log-prob/entropy kernel both
+share, so it understates the gain). Same architecture, weights and prompts; EOS is ignored and
+each response instead ends at a drawn length: `--lengths fixed` gives every row `--new-tokens`,
+`--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths (synthetic
+difficulty 6: what a trained policy emits), scaled so the longest is `--new-tokens`;
+`--prompt-lengths synthetic` likewise draws prompt lengths from its questions (HF left-pads
+them). Each method decodes as it would stop at EOS: ours drops a row when it reaches its length
+(the engine's compaction), HF `generate` keeps computing every row of its static batch until the
+longest is done (the reference's behaviour with EOS and padding); the passes then see realistic
+padding. Interleaved A B C A B C repeats; medians; ratios
 are medians of per-repeat ratios.
 
     python benchmarks/ppo_step.py [--preset cpu-small|quickstart] [--batch 32] [--new-tokens 64]
@@ -61,6 +65,9 @@ def parse_args(argv=None):
                    help="response lengths: all --new-tokens, or drawn from the synthetic task (≤ --new-tokens)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-rollout-logprobs", dest="rollout_logprobs", action="store_false",
+                   help="ours: recompute the old log-probs and values with a policy forward "
+                        "(ppo.old_logprobs_from_rollout off) instead of taking the rollout's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="step time over --batches × --lengths-sweep (ours vs HF)")
@@ -172,20 +179,26 @@ def _plan(batch, args, fast: bool):
 def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True):
     from megatron_reft.config import load_config
     from megatron_reft.generation import SamplingParams, generate
-    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats
+    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats, rollout_outputs
     from megatron_reft.rl.trainer import ppo_loss_fn
 
     ph = Phases()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True,
                             max_total_length=args.prompt_len + args.new_tokens + 1)
     policy.module.eval()
+    captured = fast and args.rollout_logprobs  # ppo.old_logprobs_from_rollout
     # Each row stops at its drawn length, as it would at its EOS in a real run (the engine drops
     # finished rows); `--lengths fixed` gives every row the full length.
-    out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, response_caps=lengths))
+    out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, response_caps=lengths,
+                                            return_logprobs=captured))
     responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
-    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0)
+    token_scores = {name: [row[:n] for row, n in zip(getattr(out, field), lengths)]
+                 for name, field in (("logprobs", "logprobs"), ("entropy", "entropies"), ("values", "values"))
+                 } if captured else None
+    batch = build_rollout_batch(prompts, responses, [True] * len(prompts), pad_id=0, token_scores=token_scores)
     mbs = _plan(batch, args, fast)
-    old = ph("logprobs_policy", lambda: policy.forward(mbs))
+    device = next(policy.gpt.parameters()).device
+    old = ph("logprobs_policy", lambda: rollout_outputs(batch, mbs, device) if captured else policy.forward(mbs))
     ref = ph("logprobs_reference", lambda: reference.forward(mbs, with_entropy=not fast))
     old_lp, values = gather_forward(old, "logprobs", mbs, batch), gather_forward(old, "values", mbs, batch)
     ref_lp = gather_forward(ref, "logprobs", mbs, batch)
@@ -306,7 +319,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "new_tokens": args.new_tokens, "lengths": args.lengths, "prompt_lengths": args.prompt_lengths,
               "mean_prompt_length": sum(map(len, prompts)) / len(prompts),
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats}
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats,
+              "rollout_logprobs": args.rollout_logprobs}
     flops = needed_flops(model, [len(p) for p in prompts], lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result["matmul_gflops"] = round(matmul_rate(model, device) / 1e9, 1)
@@ -321,8 +335,9 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
         # Achieved needed-FLOP/s per phase as a share of the device's matmul rate (CPU seconds on
         # a CPU: the process's own work): near 1, no kernel or scheduling change can gain more.
         timing = "_cpu" if device.type == "cpu" else ""
-        result[name]["share_of_matmul_rate"] = {
-            k: round(f / statistics.median(p[k + timing] for p in runs_) / (result["matmul_gflops"] * 1e9), 3)
+        seconds = {k: statistics.median(p[k + timing] for p in runs_) for k in flops}
+        result[name]["share_of_matmul_rate"] = {  # a phase that did not run (captured log-probs): None
+            k: round(f / seconds[k] / (result["matmul_gflops"] * 1e9), 3) if seconds[k] > 1e-3 else None
             for k, f in flops.items()}
     if "ours" in phases:
         for other in (m for m in phases if m != "ours"):

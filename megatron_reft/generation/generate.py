@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megatron_reft.generation.continuous import admit_waiting, continuous_cache_length, shift_cache
 from megatron_reft.generation.sampling import SamplingParams, next_tokens
-from megatron_reft.generation.stages import StageRunner
+from megatron_reft.generation.stages import SCORES, StageRunner
 
 COMPACT_WHEN_ACTIVE_BELOW = 0.75  # fraction of the current batch still generating
 
@@ -49,6 +49,14 @@ class GenerationOutput:
     # Decode slots the batch was sized for, summed over decode steps (its starting width per
     # step, `slots` with continuous batching): rows not computed after a compaction are idle slots.
     decode_slot_steps: int = 0
+    # generate(..., return_logprobs=True): per response token, aligned with `tokens` — the
+    # log-prob of the sampled token and the entropy under the policy's full distribution at the
+    # engine's scoring temperature (before top-k/top-p), and the value head's output on the same
+    # hidden state (None without a value head). The training forward's old log-probs, entropy and
+    # values at the action positions (rl/trainer.py, ppo.old_logprobs_from_rollout).
+    logprobs: list[list[float]] | None = None
+    entropies: list[list[float]] | None = None
+    values: list[list[float]] | None = None
 
     @property
     def decode_utilisation(self) -> float:
@@ -95,7 +103,7 @@ class _Batch:
     """
 
     def __init__(self, prompts: list[list[int]], limits: list[int], eos_id: int, stops_at_eos: bool, device,
-                 slots: int | None = None):
+                 slots: int | None = None, scored: bool = False):
         b = len(prompts)
         self.lens = torch.tensor([len(p) for p in prompts], device=device)
         self.ends = self.lens + torch.tensor(limits, device=device)  # one past the last slot
@@ -103,6 +111,8 @@ class _Batch:
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         self.tokens = tokens.to(device)
+        # per token slot: log-prob, entropy, value of the token sampled there (return_logprobs)
+        self.scores = torch.zeros(b, tokens.shape[1], SCORES, device=device) if scored else None
         self.generated = torch.zeros(b, dtype=torch.long, device=device)
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
         self.hit_eos = torch.zeros(b, dtype=torch.bool, device=device)
@@ -123,12 +133,15 @@ class _Batch:
         """Each active row's own slot for cache slot `slot`."""
         return slot - self.start[self.active]
 
-    def accept(self, sampled: torch.Tensor, slot: int) -> None:
-        """Token choice for cache slot `slot` of the active rows; rows still in their prompt keep theirs."""
+    def accept(self, sampled: torch.Tensor, slot: int, scores: torch.Tensor | None = None) -> None:
+        """Token choice (and its scores) for cache slot `slot` of the active rows; rows still in
+        their prompt keep theirs."""
         rows, local = self.active, self.local(slot)
         writing = (self.lens[rows] <= local) & ~self.done[rows]
         rows, tok, local = rows[writing], sampled[writing], local[writing]
         self.tokens[rows, local] = tok
+        if scores is not None:
+            self.scores[rows, local] = scores[writing]
         self.generated[rows] += 1
         eos = (tok == self.eos_id) & self.stops_at_eos
         self.hit_eos[rows] |= eos
@@ -151,18 +164,22 @@ class _Batch:
             context.swap_key_value_dict(order)
         self.rows, self.n = self.rows[order], n_keep
 
-    def output(self, seconds: float) -> GenerationOutput:
+    def output(self, seconds: float, with_values: bool = False) -> GenerationOutput:
         lens, counts = self.lens.tolist(), self.generated.tolist()
-        rows = self.tokens.tolist()
-        tokens = [row[s:s + c] for row, s, c in zip(rows, lens, counts)]
-        return GenerationOutput(tokens, self.hit_eos.tolist(), sum(counts), seconds, self.row_steps,
-                                self.slot_steps)
+        responses = lambda table: [row[s:s + c] for row, s, c in zip(table.tolist(), lens, counts)]
+        out = GenerationOutput(responses(self.tokens), self.hit_eos.tolist(), sum(counts), seconds,
+                               self.row_steps, self.slot_steps)
+        if self.scores is not None:
+            out.logprobs, out.entropies = responses(self.scores[..., 0]), responses(self.scores[..., 1])
+            out.values = responses(self.scores[..., 2]) if with_values else None
+        return out
 
 
 @torch.no_grad()
 def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingParams,
              seed: int | None = None, *, use_cache: bool = True, progress: bool = False,
-             slots: int | None = None, response_caps: list[int] | None = None) -> GenerationOutput:
+             slots: int | None = None, response_caps: list[int] | None = None,
+             return_logprobs: bool = False) -> GenerationOutput:
     """Sample a response for every prompt with this rank's model chunk (`engine.gpt`).
 
     Call on every rank of the model-parallel group with the same prompts; every rank returns
@@ -176,6 +193,10 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     tokens equal the static engine's; sampled tokens are reproducible for the same seed and
     `slots` but not the static engine's draws (rows share one generator in batch order).
     `response_caps`: per-prompt caps on the response length (on top of `params`).
+    `return_logprobs`: also return each sampled token's log-prob and entropy at the engine's
+    scoring temperature (`engine.temperature`, the one its training forward uses — not
+    `params.temperature`, and before top-k/top-p: PPO's ratio compares the same quantity) and the
+    value head's output (GenerationOutput.logprobs / entropies / values).
     """
     if slots is not None and slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
@@ -183,7 +204,8 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
         raise ValueError("continuous batching (slots=) needs the KV cache (use_cache=True)")
     start = time.perf_counter()
     if not prompts:
-        return GenerationOutput([], [], 0, 0.0)
+        empty = [] if return_logprobs else None
+        return GenerationOutput([], [], 0, 0.0, logprobs=empty, entropies=empty, values=empty)
     model_cfg = engine.model_config
     max_positions = model_cfg.max_position_embeddings if model_cfg.family == "opt" else None
     limits = response_limits(prompts, params, max_positions, response_caps)
@@ -192,20 +214,23 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     gpt.eval()
     try:
         stage = StageRunner(gpt, model_cfg.vocab_size)
-        batch = _Batch(prompts, limits, eos_id, params.stops_at_eos, stage.device, slots)
+        batch = _Batch(prompts, limits, eos_id, params.stops_at_eos, stage.device, slots, scored=return_logprobs)
+        with_values = return_logprobs and stage.has_value_head()
         generator = None
         if seed is not None and stage.is_sampler:
             generator = torch.Generator(device=stage.device).manual_seed(seed)
-        _decode(stage, batch, params, generator, use_cache, progress)
+        score_temperature = getattr(engine, "temperature", 1.0) if return_logprobs else None
+        _decode(stage, batch, params, generator, use_cache, progress, score_temperature)
     finally:
         gpt.train(was_training)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return batch.output(time.perf_counter() - start)
+    return batch.output(time.perf_counter() - start, with_values)
 
 
 def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator, use_cache: bool,
-            progress: bool) -> None:
+            progress: bool, score_temperature: float | None = None) -> None:
+    """score_temperature: not None → score every sampled token at it (return_logprobs)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     slot = int(batch.lens[batch.active].min())  # the cache slot whose token the next logits choose
@@ -218,7 +243,12 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
         batch.row_steps += batch.n
         batch.slot_steps += batch.width
         sampled = next_tokens(logits, params, generator) if stage.is_sampler else None
-        batch.accept(stage.share(sampled, batch.n), slot)
+        if score_temperature is None:
+            batch.accept(stage.share(sampled, batch.n), slot)
+        else:
+            scores = stage.token_scores(logits, sampled, score_temperature) if stage.is_sampler else None
+            sampled, scores = stage.share_scored(sampled, scores, batch.n)
+            batch.accept(sampled, slot, scores)
         slot += 1
         bar.update(1)
         if batch.all_done():

@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_reft.generation.sampling import token_logprobs_and_entropy
+
+SCORES = 3  # per sampled token: log-prob, entropy, value (StageRunner.token_scores)
+
 
 class StageRunner:
     def __init__(self, gpt, true_vocab: int):
@@ -52,10 +56,28 @@ class StageRunner:
             dist.send(hidden.contiguous(), dst=self.next_rank, group=self.pp_group)
             return None
         last = hidden[-1:]  # [1, b, h]: the position that predicts the next token
+        self.last_hidden = last  # post final norm: what the training forward's value head reads
         logits, _ = self.gpt.output_layer(last, weight=self.gpt.output_weight(),
                                           runtime_gather_output=True)
         # The vocabulary is padded for TP divisibility: padded ids must never be sampled.
         return logits[0, :, :self.true_vocab].float()
+
+    def token_scores(self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Last stage: [b, SCORES] per sampled token — log-prob and entropy of the full
+        distribution at `temperature`, and the value head's output on the same post-norm hidden
+        state the logits came from (engine.py `_last_stage_loss` applies it there too; 0 without
+        a head)."""
+        logprobs, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+        head = self.gpt.value_head
+        values = head(self.last_hidden)[0, :, 0].float() if head is not None else torch.zeros_like(entropy)
+        return torch.stack([logprobs, entropy, values], dim=1)
+
+    def has_value_head(self) -> bool:
+        """Whether the last stage holds a value head, known on every rank of the group."""
+        flag = torch.tensor([1 if getattr(self.gpt, "value_head", None) is not None else 0], device=self.device)
+        if self.mp_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.mp_group)
+        return bool(flag.item())
 
     def _receive(self, seq: int, batch: int) -> torch.Tensor:
         config = self.gpt.config
@@ -70,3 +92,17 @@ class StageRunner:
         buf = tokens.contiguous() if self.is_sampler else torch.empty(batch, dtype=torch.long, device=self.device)
         dist.broadcast(buf, src=self.sampler_rank, group=self.mp_group)
         return buf
+
+    def share_scored(self, tokens: torch.Tensor | None, scores: torch.Tensor | None,
+                     batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler's tokens [batch] and their scores [batch, SCORES] on every rank, in the
+        one broadcast that shares tokens anyway: packed as float64, which holds token ids and
+        fp32 values exactly."""
+        if self.mp_size == 1:
+            return tokens, scores
+        if self.is_sampler:
+            buf = torch.cat([tokens.unsqueeze(1).double(), scores.double()], dim=1).contiguous()
+        else:
+            buf = torch.empty(batch, 1 + SCORES, dtype=torch.float64, device=self.device)
+        dist.broadcast(buf, src=self.sampler_rank, group=self.mp_group)
+        return buf[:, 0].long(), buf[:, 1:].float()

@@ -22,6 +22,9 @@ class RolloutBatch:
     response_lengths: list[int]
     finished: list[bool]  # EOS emitted (False: cut at the length limit, still terminal)
     tensors: dict = field(default_factory=dict)  # old_logprobs, values, ref_logprobs, advantages, returns
+    # The rollout engine's scores of its own tokens (ppo.old_logprobs_from_rollout): "logprobs",
+    # "entropy" and, with the policy's value head, "values", [B, S] at the action positions.
+    rollout_outputs: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -29,7 +32,9 @@ class RolloutBatch:
 
 
 def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
-                        pad_id: int) -> RolloutBatch:
+                        pad_id: int, token_scores: dict | None = None) -> RolloutBatch:
+    """`token_scores`: per-response-token lists from the rollout engine (name → one list per row,
+    aligned with `responses`), kept as `rollout_outputs` at the action positions."""
     sequences = [p + r for p, r in zip(prompts, responses)]
     width = max(max(len(s) for s in sequences) - 1, 1)
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -40,8 +45,26 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], fi
         n = len(seq) - 1
         tokens[row, :n], labels[row, :n] = ids[:-1], ids[1:]
         action_mask[row, len(prompt) - 1:len(prompt) - 1 + len(response)] = 1.0
-    return RolloutBatch(tokens, labels, action_mask, [len(p) for p in prompts],
-                        [len(r) for r in responses], list(finished))
+    batch = RolloutBatch(tokens, labels, action_mask, [len(p) for p in prompts],
+                         [len(r) for r in responses], list(finished))
+    batch.rollout_outputs = {name: at_actions(batch, per_token) for name, per_token in (token_scores or {}).items()}
+    return batch
+
+
+def at_actions(batch: RolloutBatch, per_response_token: list[list[float]]) -> torch.Tensor:
+    """[B, S]: response token j of a row with prompt length P at label position P-1+j — the
+    position whose hidden state chose it, where the engine's forward scores it — 0 elsewhere."""
+    out = torch.zeros(batch.tokens.shape)
+    for row, (prompt_length, values) in enumerate(zip(batch.prompt_lengths, per_response_token)):
+        out[row, prompt_length - 1:prompt_length - 1 + len(values)] = torch.tensor(values, dtype=out.dtype)
+    return out
+
+
+def rollout_outputs(batch: RolloutBatch, microbatches: list[dict], device=None) -> list[dict]:
+    """The rollout engine's scores cut like `Engine.forward`'s outputs for these micro-batches
+    ([b, w] per key, rows in micro-batch order): a drop-in for the policy's log-prob pass."""
+    return [{name: full[mb["rows"], :mb["tokens"].shape[1]].to(device) for name, full in batch.rollout_outputs.items()}
+            for mb in microbatches]
 
 
 def sequence_lengths(batch: RolloutBatch) -> list[int]:

@@ -22,7 +22,8 @@ from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_
 from megatron_reft.reliability import watchdog
 from megatron_reft.reliability.numerics import NonFiniteGuard, rollout_is_finite
 from megatron_reft.rl import ppo_math
-from megatron_reft.rl.rollout import assemble, build_rollout_batch, gather_forward, micro_batches, padding_stats
+from megatron_reft.rl.rollout import (assemble, build_rollout_batch, gather_forward, micro_batches, padding_stats,
+                                      rollout_outputs)
 
 
 def ppo_loss_fn(config, with_value: bool = True):
@@ -160,25 +161,36 @@ class PPOTrainer:
         seed = self.config.trainer.seed * 1_000_003 + self.step * 101 + dp_rank
         # ppo.generation_micro_batch bounds the KV cache (prompts decoded together).
         chunk = p.generation_micro_batch or len(prompts)
-        responses, finished = [], []
+        eos = self.data.tokenizer.eos_id
+        scored = p.old_logprobs_from_rollout and self.critic is not None  # online-ST reads no log-probs
         with timer("generation"):
             self.policy.module.eval()
             if p.continuous_batching and chunk < len(prompts):  # one queue through `chunk` slots
-                out = generate(self.policy, prompts, self.data.tokenizer.eos_id, params, seed=seed, slots=chunk)
-                responses, finished = out.tokens, out.finished
+                outs = [generate(self.policy, prompts, eos, params, seed=seed, slots=chunk, return_logprobs=scored)]
             else:
-                for start in range(0, len(prompts), chunk):
-                    out = generate(self.policy, prompts[start:start + chunk], self.data.tokenizer.eos_id,
-                                   params, seed=seed + 7919 * start)
-                    responses += out.tokens
-                    finished += out.finished
+                outs = [generate(self.policy, prompts[start:start + chunk], eos, params, seed=seed + 7919 * start,
+                                 return_logprobs=scored)
+                        for start in range(0, len(prompts), chunk)]
+        responses = [toks for out in outs for toks in out.tokens]
+        finished = [done for out in outs for done in out.finished]
         texts = [response_text(self.data.tokenizer, r, toks, d.cot_type, prompt)
                  for r, toks, prompt in zip(records, responses, prompts)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],
                                                 [r.answer_type for r in records])
         self.last_rollout = (records, texts)  # for the rollout samples (tracking.py)
-        batch = build_rollout_batch(prompts, responses, finished, self.data.tokenizer.pad_id)
+        batch = build_rollout_batch(prompts, responses, finished, self.data.tokenizer.pad_id,
+                                    _rollout_scores(outs) if scored else None)
         return batch, scores_future
+
+    def _policy_outputs(self, batch, mbs) -> list[dict]:
+        """Old log-probs, entropy and (shared trunk) values per micro-batch: the rollout's own
+        scores when it kept them (ppo.old_logprobs_from_rollout: the same weights, eval mode,
+        same hidden states — one forward of the whole batch less), else a policy forward."""
+        if not batch.rollout_outputs:
+            return self.policy.forward(mbs)
+        if self.critic.shared and "values" not in batch.rollout_outputs:
+            raise RuntimeError("old_logprobs_from_rollout: the rollout returned no values from the policy's value head")
+        return rollout_outputs(batch, mbs, device=next(self.policy.gpt.parameters()).device)
 
     def score_and_advantages(self, batch, scores_future, timer) -> dict:
         from megatron.core import parallel_state as ps
@@ -188,7 +200,7 @@ class PPOTrainer:
         with timer("logprobs"):  # overlaps with sandbox scoring running in the background
             mbs = micro_batches(batch, rows, t.micro_batch_size, t.micro_batch_tokens)
             pending_values = self.critic.request_values(mbs)  # a separate critic starts now
-            old = self.policy.forward(mbs)
+            old = self._policy_outputs(batch, mbs)
             if p.ref_offload:
                 self.reference.onload()
             ref = self.reference.forward(mbs, with_entropy=False)  # same plan; entropy unused
@@ -345,6 +357,15 @@ class PPOTrainer:
         if self.critic is not None:  # (online-st has none)
             self.critic.close()  # a critic on its own ranks stops serving
         return metrics
+
+
+def _rollout_scores(outs: list) -> dict:
+    """The generation outputs' per-token scores, concatenated over the generate calls, under the
+    names of Engine.forward's outputs (values only when the policy has a value head)."""
+    names = {"logprobs": "logprobs", "entropy": "entropies"}
+    if outs[0].values is not None:
+        names["values"] = "values"
+    return {name: [row for out in outs for row in getattr(out, field)] for name, field in names.items()}
 
 
 def _critic_dir_of(checkpoint) -> Path:
