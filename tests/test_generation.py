@@ -120,10 +120,25 @@ def _single_process_worker(rank, world_size):
         r["eos"] = _eos_runs(engine, prompts, r["cache"])
         r["limits"] = _limit_runs(engine)
         r["training_flag_kept"] = engine.gpt.training
+        r["output_layer_rows"], r["generated_tokens"] = _output_layer_rows(engine, prompts)
         results[family] = r
     results["padded_vocab"] = _padded_vocab_runs()
     dinit.shutdown()
     return results
+
+
+def _output_layer_rows(engine, prompts) -> tuple[int, int]:
+    """Rows the output layer computed in one sampled generation (ragged prompts, EOS stops),
+    and the tokens it generated."""
+    from megatron_reft.generation import generate
+
+    rows = []
+    hook = engine.gpt.output_layer.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    try:
+        out = generate(engine, prompts, 7, SamplingParams(max_new_tokens=NEW), seed=3)
+    finally:
+        hook.remove()
+    return sum(rows), out.num_generated_tokens
 
 
 def _eos_runs(engine, prompts, unstopped):
@@ -215,6 +230,14 @@ def test_kv_cache_greedy_equals_recomputation_and_naive_loop(single, family):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(single, family):
     assert single[family]["cache"] == single[family]["alone"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_output_layer_runs_only_for_rows_that_choose_a_token(single, family):
+    """Rows still feeding their prompt (ragged prompts) or finished skip the vocabulary
+    projection: one output-layer row per generated token, no more."""
+    r = single[family]
+    assert r["output_layer_rows"] == r["generated_tokens"] > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -133,11 +133,17 @@ class _Batch:
         """Each active row's own slot for cache slot `slot`."""
         return slot - self.start[self.active]
 
+    def choosing(self, slot: int) -> torch.Tensor:
+        """[n] bool: the active rows whose token for cache slot `slot` is sampled (past their
+        prompt, not finished) — the rows `accept` writes."""
+        rows = self.active
+        return (self.lens[rows] <= self.local(slot)) & ~self.done[rows]
+
     def accept(self, sampled: torch.Tensor, slot: int, scores: torch.Tensor | None = None) -> None:
         """Token choice (and its scores) for cache slot `slot` of the active rows; rows still in
         their prompt keep theirs."""
         rows, local = self.active, self.local(slot)
-        writing = (self.lens[rows] <= local) & ~self.done[rows]
+        writing = self.choosing(slot)
         rows, tok, local = rows[writing], sampled[writing], local[writing]
         self.tokens[rows, local] = tok
         if scores is not None:
@@ -281,7 +287,7 @@ def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
         context.row_positions = None  # RoPE by cache slot (= every row's position here)
         if begin > 0:
             context.enable_decode_mode()
-    return stage.last_logits(tokens, positions, mask, context)
+    return stage.last_logits(tokens, positions, mask, context, batch.choosing(end))
 
 
 def _forward_own_slots(stage: StageRunner, batch: _Batch, end: int, context):
@@ -299,7 +305,7 @@ def _forward_own_slots(stage: StageRunner, batch: _Batch, end: int, context):
     context.sequence_len_offset = end - 1
     context.row_positions = fed  # read by the llama SDPA spec's attention (models/sdpa_attention.py)
     context.enable_decode_mode()
-    return stage.last_logits(tokens, positions, hidden[:, None, None, :], context)
+    return stage.last_logits(tokens, positions, hidden[:, None, None, :], context, batch.choosing(end))
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -44,9 +44,14 @@ class StageRunner:
         dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.mp_group)
         return int(mine.item())
 
-    def last_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask, context) -> torch.Tensor | None:
+    def last_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask, context,
+                    choosing: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run this stage on tokens [b, s]; on the last stage return the last position's
-        logits [b, true_vocab] in fp32, elsewhere None (after passing the activations on)."""
+        logits [b, true_vocab] in fp32, elsewhere None (after passing the activations on).
+        `choosing` [b] bool: the rows whose token this step chooses; the others (still feeding
+        their prompt, or finished) skip the output layer — the largest matmul of a decode step
+        with a big vocabulary — and get logits 0, which the caller discards (the sampler still
+        draws for every row, so the random stream and every chosen token stay the same)."""
         batch, seq = tokens.shape
         if not self.is_first:
             self.gpt.set_input_tensor(self._receive(seq, batch))
@@ -57,8 +62,14 @@ class StageRunner:
             return None
         last = hidden[-1:]  # [1, b, h]: the position that predicts the next token
         self.last_hidden = last  # post final norm: what the training forward's value head reads
-        logits, _ = self.gpt.output_layer(last, weight=self.gpt.output_weight(),
-                                          runtime_gather_output=True)
+        if choosing is not None and not bool(choosing.all()):
+            chosen, _ = self.gpt.output_layer(last[:, choosing], weight=self.gpt.output_weight(),
+                                              runtime_gather_output=True)
+            logits = chosen.new_zeros(1, batch, chosen.shape[-1])
+            logits[:, choosing] = chosen
+        else:
+            logits, _ = self.gpt.output_layer(last, weight=self.gpt.output_weight(),
+                                              runtime_gather_output=True)
         # The vocabulary is padded for TP divisibility: padded ids must never be sampled.
         return logits[0, :, :self.true_vocab].float()
 
