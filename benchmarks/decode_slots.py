@@ -1,7 +1,8 @@
 """Decode-slot utilisation on unequal response lengths: today's static engine vs continuous batching.
 
-Counts, for response lengths drawn from the synthetic task (the quickstart's gold CoT lengths;
-ppo_step.synthetic_response_lengths), how many decode row-steps each scheduling policy computes
+Counts, for response lengths drawn from the synthetic task (the quickstart's gold CoT lengths,
+difficulty 6 since 2026-11-29 18:00 UTC — earlier figures in docs/benchmarks.md used difficulty
+1; ppo_step.synthetic_response_lengths), how many decode row-steps each scheduling policy computes
 for the tokens it produces — the quantity `GenerationOutput.decode_row_steps` records on real
 runs. No model runs: the policies are replayed exactly on the lengths.
 
