@@ -85,3 +85,41 @@ def test_matrix_table_from_run_directories(tmp_path):
     assert lines[4] == "| mean of 2 | **22.5 %** | **15.0 %** | **25.0 %** | **5.0 %** |"
     data = json.loads((tmp_path / "matrix.json").read_text())
     assert data["per_seed"]["1"]["reft"] == {"final": 0.3, "best": 0.35, "steps": 20}
+
+
+def test_matrix_tables_with_offline_st_voting_and_reranking(tmp_path):
+    # offline-ST is reported like SFT (its best epoch, the first one reaching it); voting/rerank come
+    # from eval's JSON lines (voting/<ckpt>.json, rerank/<ckpt>.json) in a second table.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_matrix", Path(__file__).parents[1] / "scripts" / "tiny_matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    for seed, (sft_best, st_curve) in {1: (0.2, [0.1, 0.3, 0.3]), 2: (0.4, [])}.items():
+        seed_dir = tmp_path / f"seed{seed}"
+        _write_rows(seed_dir / "ppo", [{"step": 20, "eval_accuracy": sft_best + 0.1}])
+        seed_dir.joinpath("summary.json").write_text(json.dumps(
+            {"sft_best_accuracy": sft_best, "sft_best_epoch": 3, "warmup_accuracy": sft_best}))
+        _write_rows(seed_dir / "offline_st", [{"step": 10 * e, "epoch": float(e), "eval_accuracy": a}
+                                              for e, a in enumerate(st_curve, 1)])
+        for name, acc in (("sft_best", sft_best), ("reft", sft_best + 0.1)):
+            (seed_dir / "voting").mkdir(exist_ok=True)
+            (seed_dir / "voting" / f"{name}.json").write_text(json.dumps(
+                {"accuracy": acc, "k": 16, "maj_at_k": acc + 0.05, "pass_at_k": acc + 0.2}))
+    (tmp_path / "seed1" / "rerank").mkdir()
+    (tmp_path / "seed1" / "rerank" / "reft.json").write_text(json.dumps({"accuracy": 0.3, "k": 16, "rerank_at_k": 0.5}))
+    assert matrix.main(["--out", str(tmp_path), "--seeds", "1", "2", "--methods", "reft", "offline_st", "voting",
+                        "rerank", "--collect-only", "--ppo-steps", "20"]) == 0
+    lines = (tmp_path / "matrix.md").read_text().splitlines()
+    assert lines[0] == "| seed | SFT (best epoch) | warm-up | ReFT | Offline-ST (best epoch) |"
+    assert lines[2] == "| 1 | 20.0 % (epoch 3) | 20.0 % | 30.0 % | 30.0 % (epoch 2) |"
+    assert lines[3] == "| 2 | 40.0 % (epoch 3) | 40.0 % | 50.0 % | – |"
+    assert lines[4] == "| mean of 2 | **30.0 %** | **30.0 %** | **40.0 %** | **30.0 %** |"
+    assert lines[6] == "k = 16 samples per question at T = 1"
+    assert lines[8] == ("| seed | SFT (best epoch) greedy | SFT (best epoch) maj@k | SFT (best epoch) pass@k | "
+                        "SFT (best epoch) rerank@k | ReFT greedy | ReFT maj@k | ReFT pass@k | ReFT rerank@k |")
+    assert lines[10] == "| 1 | 20.0 % | 25.0 % | 40.0 % | – | 30.0 % | 35.0 % | 50.0 % | 50.0 % |"
+    assert lines[12] == "| mean of 2 | **30.0 %** | **35.0 %** | **50.0 %** | **–** | **40.0 %** | **45.0 %** | **60.0 %** | **50.0 %** |"
+    data = json.loads((tmp_path / "matrix.json").read_text())
+    assert data["per_seed"]["1"]["offline_st"] == {"final": 0.3, "best": 0.3, "epoch": 2, "epochs": 3}
+    assert data["mean"]["sampled"]["reft.rerank_at_k"] == 0.5
