@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--no-rollout-logprobs", dest="rollout_logprobs", action="store_false",
                    help="ours: recompute the old log-probs and values with a policy forward "
                         "(ppo.old_logprobs_from_rollout off) instead of taking the rollout's")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="both methods' precision: auto = bf16 on a GPU, fp32 on CPU; bf16 on CPU uses the "
+                        "CPU's bf16 matmuls (AVX-512 BF16/AMX) for ours and HF alike")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="step time over --batches × --lengths-sweep (ours vs HF)")
@@ -141,10 +144,15 @@ def needed_flops(model, prompt_lengths: list[int], response_lengths: list[int]) 
             "update": 2 * 3 * forward}  # two updates, forward + backward each
 
 
-def matmul_rate(model, device) -> float:
-    """FLOP/s of this device on the model's own widest trunk matmul (fp32 on CPU, bf16 on GPU):
+def run_dtype(args) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+
+def matmul_rate(model, device, dtype) -> float:
+    """FLOP/s of this device on the model's own widest trunk matmul in the run's precision:
     the ceiling any method's dense work can approach here."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(4096, model.hidden_size, device=device, dtype=dtype)
     b = torch.randn(model.hidden_size, model.ffn_hidden_size, device=device, dtype=dtype)
     best = float("inf")
@@ -275,7 +283,7 @@ def build(args):
 
     initialize(1, 1, seed=args.seed)
     model = model_config(args.preset)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = run_dtype(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engines = {}
     for name, attention in (("ours", "sdpa"), ("ours_before", "megatron")):
@@ -323,7 +331,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "rollout_logprobs": args.rollout_logprobs}
     flops = needed_flops(model, [len(p) for p in prompts], lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result["matmul_gflops"] = round(matmul_rate(model, device) / 1e9, 1)
+    result["matmul_gflops"] = round(matmul_rate(model, device, run_dtype(args)) / 1e9, 1)
+    result["dtype"] = str(run_dtype(args)).replace("torch.", "")
     result["needed_gflops"] = {k: round(v / 1e9, 2) for k, v in flops.items()}
     step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}
     step_cpu = {name: [step_total(p, cpu=True) for p in runs_] for name, runs_ in phases.items()}

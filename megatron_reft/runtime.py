@@ -231,29 +231,34 @@ def load_data(config: Config, need_train: bool = True) -> Data:
 
     d = config.data
     source = _tokenizer_source(config)
-    if d.train_file == "synthetic" or d.eval_file == "synthetic":
-        train, held_out = make_synthetic_splits(d.synthetic_train_items, d.synthetic_eval_items,
-                                                d.synthetic_seed, d.synthetic_difficulty, d.cot_type)
-        if source is None:
-            source = str(Path(config.trainer.output_dir) / "tokenizer")
-            if rank() == 0 and not Path(source).is_dir():
-                train_synthetic_tokenizer(train, source + ".tmp", d.synthetic_vocab_size)
-                os.replace(source + ".tmp", source)
-            barrier()
-        data = Data(load_tokenizer(source), source, train if need_train else [], held_out)
-    else:
-        if source is None:
-            raise ConfigError("data.tokenizer: no tokenizer (set data.tokenizer or use a model.load "
-                              "checkpoint that has tokenizer/)")
-        data = Data(_user_input("data.tokenizer", load_tokenizer, source), source)
-        if need_train and d.train_file:
-            data.train, report = _user_input("data.train_file", load_records, d.train_file, d.cot_type,
-                                             d.format, d.on_malformed)
-            print0(f"train data: {report}")
-        if d.eval_file:
-            data.eval, report = _user_input("data.eval_file", load_records, d.eval_file, d.cot_type,
-                                            d.format, d.on_malformed, require_cot=False)
-            print0(f"eval data: {report}")
+    synthetic_train = synthetic_eval = None
+    if "synthetic" in (d.train_file, d.eval_file):
+        synthetic_train, synthetic_eval = make_synthetic_splits(
+            d.synthetic_train_items, d.synthetic_eval_items, d.synthetic_seed, d.synthetic_difficulty, d.cot_type)
+    if source is None and synthetic_train is not None:
+        source = str(Path(config.trainer.output_dir) / "tokenizer")
+        if rank() == 0 and not Path(source).is_dir():
+            train_synthetic_tokenizer(synthetic_train, source + ".tmp", d.synthetic_vocab_size)
+            os.replace(source + ".tmp", source)
+        barrier()
+    if source is None:
+        raise ConfigError("data.tokenizer: no tokenizer (set data.tokenizer or use a model.load "
+                          "checkpoint that has tokenizer/)")
+    data = Data(_user_input("data.tokenizer", load_tokenizer, source), source)
+    # Each split comes from its own source: a real train file with `eval_file: synthetic` (or the
+    # reverse) mixes them; with the synthetic train split and no eval file, its held-out split.
+    if need_train and d.train_file == "synthetic":
+        data.train = synthetic_train
+    elif need_train and d.train_file:
+        data.train, report = _user_input("data.train_file", load_records, d.train_file, d.cot_type,
+                                         d.format, d.on_malformed)
+        print0(f"train data: {report}")
+    if d.eval_file == "synthetic" or (d.train_file == "synthetic" and not d.eval_file):
+        data.eval = synthetic_eval
+    elif d.eval_file:
+        data.eval, report = _user_input("data.eval_file", load_records, d.eval_file, d.cot_type,
+                                        d.format, d.on_malformed, require_cot=False)
+        print0(f"eval data: {report}")
     if d.max_eval_items is not None:
         data.eval = data.eval[:d.max_eval_items]
     return data

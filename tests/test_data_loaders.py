@@ -179,3 +179,43 @@ def test_hf_with_forced_schema(tmp_path):
     path = write(tmp_path, "g.jsonl", json.dumps({"question": "q", "answer": "x\n#### 3"}))
     records, report = load_records("hf:" + path, fmt="gsm8k")
     assert records[0].answer == "3" and report.fmt.startswith("gsm8k (hf datasets")
+
+
+# --- runtime.load_data: each split from its own source -----------------------------------------
+
+
+def _mixed_sources_config(tmp_path, train_file, eval_file):
+    from megatron_reft.config import load_config
+
+    return load_config(None, [f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+                              "data.synthetic_train_items=30", "data.synthetic_eval_items=7",
+                              f"trainer.output_dir={tmp_path / 'run'}"])
+
+
+def _records_file(tmp_path) -> str:
+    rows = [{"item_id": f"mine_{i}", "question": f"Tom has {i} apples and gets 2 more. How many?",
+             "answer_cot": f"{i} + 2 = {i + 2}. Therefore, the answer is <{i + 2}>.", "answer_value": str(i + 2)}
+            for i in range(5)]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_real_train_file_with_synthetic_eval_keeps_each_source(tmp_path):
+    """Bug found in the tiny-task matrix: a real train file with `eval_file: synthetic` used to
+    bring back the synthetic *train* split and ignore the file."""
+    from megatron_reft.runtime import load_data
+
+    data = load_data(_mixed_sources_config(tmp_path, _records_file(tmp_path), "synthetic"))
+    assert [r.id for r in data.train] == [f"mine_{i}" for i in range(5)]
+    assert len(data.eval) == 7 and not any(r.id.startswith("mine_") for r in data.eval)
+
+
+def test_synthetic_train_with_real_eval_file_reads_the_file(tmp_path):
+    from megatron_reft.runtime import load_data
+
+    data = load_data(_mixed_sources_config(tmp_path, "synthetic", _records_file(tmp_path)))
+    assert len(data.train) == 30 and not any(r.id.startswith("mine_") for r in data.train)
+    assert [r.id for r in data.eval] == [f"mine_{i}" for i in range(5)]
+    both = load_data(_mixed_sources_config(tmp_path, "synthetic", "null"))
+    assert len(both.eval) == 7  # no eval file: the synthetic held-out split, as documented

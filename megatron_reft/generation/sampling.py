@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from megatron_reft.models.vocab_parallel import full_vocab_logprobs_and_entropy
+
 
 @dataclass
 class SamplingParams:
@@ -104,13 +106,6 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
     """logits [b, V] (fp32, true vocabulary), tokens [b] → (log p(token), entropy) [b] of the FULL
     distribution softmax(logits / temperature), before any top-k/top-p filtering: the quantities
-    the training forward computes (models/vocab_parallel.py, same shifted-logit formula, so the
-    two differ only in float reduction order)."""
-    scaled = logits / temperature if temperature != 1.0 else logits
-    shifted = scaled - scaled.max(dim=-1, keepdim=True).values
-    exp = shifted.exp()
-    sum_exp = exp.sum(dim=-1)
-    log_sum_exp = sum_exp.log()
-    chosen = shifted.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_sum_exp
-    entropy = log_sum_exp - torch.linalg.vecdot(exp, shifted) / sum_exp
-    return chosen, entropy
+    the training forward computes, with its own formula (models/vocab_parallel.py)."""
+    scaled = logits / temperature if temperature != 1.0 else logits.clone()  # the sampler still needs logits
+    return full_vocab_logprobs_and_entropy(scaled, tokens)

@@ -67,13 +67,28 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
     in one pass over the vocabulary, for passes without autograd: the softmax statistics are
     computed once and shared (not a cross-entropy pass plus an entropy pass), and nothing is
     kept for a backward (megatron's kernel normalises the whole softmax for its backward)."""
-    group = _tp_group()
+    start, _ = _vocab_range(logits.shape[-1])
+    return _logprobs_and_entropy(logits, labels, start, with_entropy, _tp_group())
+
+
+@torch.no_grad()
+def full_vocab_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, with_entropy: bool = True):
+    """The same quantities from logits that already hold the whole vocabulary (the sampler's,
+    gathered over TP): no reduction, so the rollout's scores and the training pass's differ
+    only in float summation order. Consumes `logits` in place."""
+    return _logprobs_and_entropy(logits, labels, 0, with_entropy, None)
+
+
+def _logprobs_and_entropy(logits, labels, vocab_start, with_entropy, group):
+    """Shifted-logit softmax statistics of this slice [vocab_start, vocab_start + V_local),
+    summed over `group` (None: the slice is the whole vocabulary)."""
+    reduce = (lambda t, **kw: dist.all_reduce(t, group=group, **kw)) if group is not None else (lambda t, **kw: None)
     local_max = logits.max(dim=-1, keepdim=True).values
-    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    reduce(local_max, op=dist.ReduceOp.MAX)
     shifted = logits.sub_(local_max)  # in place: the logits are this function's to consume
-    start, end = _vocab_range(logits.shape[-1])
-    on_this_rank = (labels >= start) & (labels < end)
-    local_index = (labels - start).clamp(0, logits.shape[-1] - 1).unsqueeze(-1)
+    local_vocab = logits.shape[-1]
+    on_this_rank = (labels >= vocab_start) & (labels < vocab_start + local_vocab)
+    local_index = (labels - vocab_start).clamp(0, local_vocab - 1).unsqueeze(-1)
     label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
     if with_entropy:
         exp = shifted.exp()
@@ -81,7 +96,7 @@ def vocab_parallel_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tens
     else:
         parts = [shifted.exp_().sum(-1), label_logit]
     sums = torch.stack(parts)
-    dist.all_reduce(sums, group=group)
+    reduce(sums)
     log_sum_exp = sums[0].log()
     entropy = log_sum_exp - sums[2] / sums[0] if with_entropy else None
     return sums[1] - log_sum_exp, entropy
