@@ -26,7 +26,10 @@ are medians of per-repeat ratios.
     python benchmarks/ppo_step.py [--preset cpu-small|quickstart] [--batch 32] [--new-tokens 64]
     python benchmarks/ppo_step.py --sweep --batches 8,32 --lengths-sweep 32,64   # scaling table
 
-Prints JSON. On a GPU (auto-detected) it uses bf16 and CUDA; on CPU fp32 with --threads.
+Prints JSON. On a GPU (auto-detected) it uses bf16 and CUDA; on CPU fp32 with --threads
+(`--dtype bf16` runs both methods in bf16 on CPU too). By default the reference gets the whole
+rollout batch on one device, the setting most favourable to it; `--reference-micro-batch 4` runs
+it as its authors do, 4 prompts per device (../shared/reference/measuring.md).
 """
 from __future__ import annotations
 
@@ -63,6 +66,10 @@ def parse_args(argv=None):
                         "is --prompt-len (HF left-pads them to the batch's longest, as the reference does)")
     p.add_argument("--lengths", choices=("fixed", "synthetic"), default="fixed",
                    help="response lengths: all --new-tokens, or drawn from the synthetic task (≤ --new-tokens)")
+    p.add_argument("--reference-micro-batch", type=int, default=0,
+                   help="reference: prompts per device, as the authors run it (4 per GPU): generation, log-prob "
+                        "passes and updates (accumulating gradients) per group of N, each padded on its own; "
+                        "0 = the whole batch at once on one device (the default: the more favourable to it)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-rollout-logprobs", dest="rollout_logprobs", action="store_false",
@@ -228,38 +235,68 @@ def hf_forward(model, head, tokens, labels, attention_mask):
     return logprobs, values
 
 
-def reference_step(hf, hf_ref, head, optimizer, prompts, lengths, scores, args, seed):
-    from megatron_reft.rl import ppo_math
-
-    ph = Phases()
-    width = max(map(len, prompts))  # left-padded to the batch's longest prompt, as the reference does
+def _reference_rollout(hf, prompts, lengths):
+    """One device's `generate` over its prompts: left-padded to their longest prompt, every row
+    decoded until the longest response is done; → tokens, labels, action mask, attention [n, w]."""
+    width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
-
-    def sample():
-        torch.manual_seed(seed)
-        return hf.generate(ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
-                           temperature=1.0, max_new_tokens=max(lengths), min_new_tokens=max(lengths),
-                           eos_token_id=0, pad_token_id=0)
-
-    seqs = ph("generation", sample)
-    seqs = seqs[:, :width + max(lengths)]  # right-padded to the batch's longest response
+    seqs = hf.generate(ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+                       temperature=1.0, max_new_tokens=max(lengths), min_new_tokens=max(lengths),
+                       eos_token_id=0, pad_token_id=0)
+    seqs = seqs[:, :width + max(lengths)]  # right-padded to the longest response
     tokens, labels = seqs[:, :-1], seqs[:, 1:]
     mask = torch.zeros(labels.shape, device=hf.device)
     attention = torch.zeros(tokens.shape, dtype=torch.long, device=hf.device)
     for row, n in enumerate(lengths):
         mask[row, width - 1:width - 1 + n] = 1.0
         attention[row, width - len(prompts[row]):width - 1 + n] = 1
+    return tokens, labels, mask, attention
+
+
+def reference_step(hf, hf_ref, head, optimizer, prompts, lengths, scores, args, seed):
+    """The reference per rollout batch. `--reference-micro-batch N` splits it as the authors' runs
+    do (N prompts per GPU): each group is generated, scored and padded on its own, and the updates
+    accumulate gradients over the groups (the same loss as one pass over the batch)."""
+    from megatron_reft.rl import ppo_math
+
+    ph = Phases()
+    per_device = args.reference_micro_batch or len(prompts)
+    starts = range(0, len(prompts), per_device)
+
+    def sample():
+        torch.manual_seed(seed)
+        return [_reference_rollout(hf, prompts[i:i + per_device], lengths[i:i + per_device]) for i in starts]
+
+    groups = ph("generation", sample)
+    # The groups side by side in [B, W] tensors, each right-padded to the widest group.
+    width = max(g[0].shape[1] for g in groups)
+    tokens, labels, mask, attention = (torch.cat([torch.nn.functional.pad(g[k], (0, width - g[k].shape[1]))
+                                                  for g in groups]) for k in range(4))
+    chunks = [(slice(i, i + per_device), slice(0, g[0].shape[1])) for i, g in zip(starts, groups)]
+
+    def scored(model, value_head):  # per chunk, placed back into [B, W] tensors
+        logprobs, values = torch.zeros(labels.shape, device=hf.device), torch.zeros(labels.shape, device=hf.device)
+        for rows, cols in chunks:
+            lp, v = hf_forward(model, value_head, tokens[rows, cols], labels[rows, cols], attention[rows, cols])
+            logprobs[rows, cols] = lp
+            if v is not None:
+                values[rows, cols] = v
+        return logprobs, values
+
     with torch.no_grad():
-        old_lp, values = ph("logprobs_policy", lambda: hf_forward(hf, head, tokens, labels, attention))
-        ref_lp, _ = ph("logprobs_reference", lambda: hf_forward(hf_ref, None, tokens, labels, attention))
+        old_lp, values = ph("logprobs_policy", lambda: scored(hf, head))
+        ref_lp, _ = ph("logprobs_reference", lambda: scored(hf_ref, None))
     adv, returns = ph("advantages", lambda: advantages(scores.to(hf.device), old_lp, ref_lp, values, mask))
 
-    def update():
+    def update():  # gradient accumulation over the chunks: the same loss as one full-batch pass
         optimizer.zero_grad()
-        lp, v = hf_forward(hf, head, tokens, labels, attention)
-        loss, _ = ppo_math.ppo_loss(lp, old_lp, v, values, adv, returns, mask)
-        loss.backward()
+        for rows, cols in chunks:
+            lp, v = hf_forward(hf, head, tokens[rows, cols], labels[rows, cols], attention[rows, cols])
+            at = (rows, cols)
+            loss, _ = ppo_math.ppo_loss(lp, old_lp[at], v, values[at], adv[at], returns[at], mask[at],
+                                        num_sequences=len(prompts))
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(list(hf.parameters()) + list(head.parameters()), 1.0)
         optimizer.step()
 
@@ -328,7 +365,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "mean_prompt_length": sum(map(len, prompts)) / len(prompts),
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
               "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats,
-              "rollout_logprobs": args.rollout_logprobs}
+              "rollout_logprobs": args.rollout_logprobs,
+              "reference_micro_batch": args.reference_micro_batch or args.batch}
     flops = needed_flops(model, [len(p) for p in prompts], lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result["matmul_gflops"] = round(matmul_rate(model, device, run_dtype(args)) / 1e9, 1)
