@@ -80,6 +80,9 @@ def parse_args(argv=None):
                         "CPU's bf16 matmuls (AVX-512 BF16/AMX) for ours and HF alike")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--padding-only", default=None, metavar="BUDGETS",
+                   help="no timing: the update passes' padding fraction for these comma-separated token budgets "
+                        "(0 = --micro-batch rows × batch width) on the drawn lengths of seeds --seed..--seed+2")
     p.add_argument("--sweep", action="store_true", help="step time over --batches × --lengths-sweep (ours vs HF)")
     p.add_argument("--batches", default="8,32,128,256")
     p.add_argument("--lengths-sweep", default="32,128,512")
@@ -418,9 +421,33 @@ def sweep(args, model, engines, hf_parts) -> list[dict]:
     return rows
 
 
+def padding_table(args) -> list[dict]:
+    """Padding of ours' length-sorted token-budget micro-batches (depends only on the lengths)."""
+    from megatron_reft.rl.rollout import build_rollout_batch, micro_batches, padding_stats
+
+    rows = []
+    for seed in range(args.seed, args.seed + 3):
+        prompt_lengths, response_lengths = synthetic_lengths(args.batch, seed)
+        prompts = ([[5] * n for n in scaled(prompt_lengths, args.prompt_len)] if args.prompt_lengths == "synthetic"
+                   else [[5] * args.prompt_len] * args.batch)
+        lengths = ([args.new_tokens] * args.batch if args.lengths == "fixed"
+                   else scaled(response_lengths, args.new_tokens))
+        batch = build_rollout_batch(prompts, [[7] * n for n in lengths], [True] * args.batch, pad_id=0)
+        for budget in (int(b) or args.micro_batch * batch.tokens.shape[1] for b in args.padding_only.split(",")):
+            mbs = micro_batches(batch, list(range(batch.size)), args.micro_batch, token_budget=budget)
+            stats = padding_stats(batch, mbs)
+            rows.append({"seed": seed, "token_budget": budget, "micro_batches": len(mbs),
+                         "padding_fraction": round(stats["padding_fraction"], 4),
+                         "padding_fraction_whole_width": round(stats["padding_fraction_untrimmed"], 4)})
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.padding_only:
+        print(json.dumps(padding_table(args), indent=2))
+        return
     model, engines, hf_parts = build(args)
     if args.sweep:
         print(json.dumps({"preset": args.preset, "lengths": args.lengths, "repeats": args.repeats,
