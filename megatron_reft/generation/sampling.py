@@ -106,6 +106,6 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
     """logits [b, V] (fp32, true vocabulary), tokens [b] → (log p(token), entropy) [b] of the FULL
     distribution softmax(logits / temperature), before any top-k/top-p filtering: the quantities
-    the training forward computes, with its own formula (models/vocab_parallel.py)."""
+    the training forward computes, by the same code (models/vocab_parallel.py)."""
     scaled = logits / temperature if temperature != 1.0 else logits.clone()  # the sampler still needs logits
     return full_vocab_logprobs_and_entropy(scaled, tokens)
