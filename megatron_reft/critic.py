@@ -140,8 +140,8 @@ class LocalCritic:
         critic's own ranks; on the actor's ranks the actor's checkpoint holds the RNG."""
         from megatron_reft.checkpoint.io import load_checkpoint
 
+        # No _sync_param_copies: the optimizer state brings the exact fp32 main weights back
         load_checkpoint(directory, self.engine.module, optimizer=self.engine.optimizer, load_rng=load_rng)
-        self.engine._sync_param_copies()
 
     def close(self) -> None:
         pass

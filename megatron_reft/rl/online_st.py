@@ -123,7 +123,9 @@ class OnlineSTTrainer(PPOTrainer):
             self.step, self.best_accuracy = state["step"], state.get("best_accuracy")
             self.sampler.load_state_dict(state["sampler"])
             runtime.print0(f"resumed from {resume} at step {self.step}")
-        self.policy._sync_param_copies()
+        else:  # weights written in place: refresh the optimizer's fp32 main copies from them. Not
+            # on resume: the checkpoint's main copies are exact, the bf16 weights only their rounding
+            self.policy._sync_param_copies()
 
     def score_and_advantages(self, batch, scores_future, timer) -> dict:
         """Scores only, and the combined batch: rows [0, B) the samples, [B, 2B) their gold CoTs."""

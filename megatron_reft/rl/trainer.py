@@ -141,7 +141,9 @@ class PPOTrainer:
             self.step, self.best_accuracy = state["step"], state.get("best_accuracy")
             self.sampler.load_state_dict(state["sampler"])
             runtime.print0(f"resumed from {resume} at step {self.step}")
-        self.policy._sync_param_copies()
+        else:  # weights written in place: refresh the optimizer's fp32 main copies from them. Not
+            # on resume: the checkpoint's main copies are exact, the bf16 weights only their rounding
+            self.policy._sync_param_copies()
         if c.ppo.ref_offload:
             self.reference.offload()
 
