@@ -3,7 +3,7 @@
 On a GPU, `model.dtype: auto` means bf16. The engine then wraps the model in megatron's
 `Float16Module`, the optimizer keeps fp32 main weights (`bf16=True`), and decoding and
 scoring run in bf16. Those are different code paths from the fp32 CPU runs, and a CPU with
-bf16 matmuls runs them too. At TP=1 and TP=2, with the same weights:
+bf16 matmuls runs them too. At TP=1, TP=2 and PP=2, with the same weights:
 
 - bf16 log-probs, entropy and values equal the fp32 engine's to bf16 rounding, and differ
   from them (so bf16 really ran);
@@ -110,11 +110,11 @@ def _captured_vs_recomputed(engine) -> dict:
             "recomputed": _scores(engine, batch)}
 
 
-def _worker(rank, world, tp):
+def _worker(rank, world, tp, pp):
     from megatron_reft.distributed.init import initialize, shutdown
 
     torch.set_num_threads(1)
-    initialize(tp, 1, seed=5)
+    initialize(tp, pp, seed=5)
     fp32, bf16 = _engine(torch.float32), _engine(torch.bfloat16)
     fp32.init_from_scratch(11)
     with torch.no_grad():  # the same weights, rounded to bf16
@@ -135,10 +135,10 @@ def _worker(rank, world, tp):
     return out
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+@pytest.fixture(scope="module", params=[(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
 def ranks(request):
-    tp = request.param
-    return run_distributed(_worker, tp, tp, init_process_group=False, timeout_s=300)
+    tp, pp = request.param
+    return run_distributed(_worker, tp * pp, tp, pp, init_process_group=False, timeout_s=300)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,8 +207,8 @@ def _job_worker(rank, world, job, out_dir, max_steps, overrides):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(job: str, out_dir: Path, max_steps: int, overrides: list[str]) -> list[dict]:
-    return run_distributed(_job_worker, 1, job, str(out_dir), max_steps, overrides, init_process_group=False,
+def _train(job: str, out_dir: Path, max_steps: int, overrides: list[str], world: int = 1) -> list[dict]:
+    return run_distributed(_job_worker, world, job, str(out_dir), max_steps, overrides, init_process_group=False,
                            timeout_s=600)[0]
 
 
@@ -230,18 +230,26 @@ def _checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("job, overrides", [
-    ("ppo", ["ppo.old_logprobs_from_rollout=true"]), ("ppo", ["critic.mode=separate"]), ("online-st", []),
-    ("sft", [])], ids=["ppo", "ppo-separate-critic", "online-st", "sft"])
-def test_resume_in_bf16_is_bit_identical(tmp_path, job, overrides):
-    """Three steps in bf16, and the same run stopped after its step-2 checkpoint and resumed: the
-    bf16 weights, the optimizer's fp32 main weights and Adam state all come back exactly. (A PPO
-    resume used to refresh the main weights from the bf16 ones after loading: every restart
-    rounded them to bf16.)"""
-    straight = _train(job, tmp_path / "straight", 3, overrides)
+DISTRIBUTED_OPTIMIZER = "parallel.use_distributed_optimizer=true"
+
+
+@pytest.mark.parametrize("job, overrides, world", [
+    ("ppo", ["ppo.old_logprobs_from_rollout=true"], 1), ("ppo", ["critic.mode=separate"], 1),
+    ("online-st", [], 1), ("sft", [], 1),
+    ("ppo", [DISTRIBUTED_OPTIMIZER], 1), ("sft", [DISTRIBUTED_OPTIMIZER], 2),
+    ("sft", [DISTRIBUTED_OPTIMIZER, "model.dtype=fp32"], 2)],
+    ids=["ppo", "ppo-separate-critic", "online-st", "sft", "ppo-distributed-optimizer",
+         "sft-distributed-optimizer-dp2", "sft-distributed-optimizer-dp2-fp32"])
+def test_resume_is_bit_identical(tmp_path, job, overrides, world):
+    """Three steps, and the same run stopped after its step-2 checkpoint and resumed: the weights,
+    the optimizer's fp32 main weights and Adam state all come back exactly. Bugs this caught: a
+    PPO resume refreshed the main weights from the bf16 ones after loading (every restart rounded
+    them to bf16); the distributed optimizer (the 7B recipes') could not save at all, could not
+    load into an optimizer that had not stepped, and restarted Adam's bias correction."""
+    straight = _train(job, tmp_path / "straight", 3, overrides, world)
     assert [s["step"] for s in straight] == [1, 2, 3]
-    _train(job, tmp_path / "resumed", 2, overrides)
-    resumed = _train(job, tmp_path / "resumed", 3, overrides)
+    _train(job, tmp_path / "resumed", 2, overrides, world)
+    resumed = _train(job, tmp_path / "resumed", 3, overrides, world)
     assert [s["step"] for s in resumed] == [1, 2, 3]
     keys = {"sft": ("loss", "lr", "grad_norm"), "online-st": ("grad_norm", "reward_mean", "response_length")}.get(
         job, ("policy_loss", "value_loss", "kl", "grad_norm", "reward_mean", "response_length", "ratio_mean"))
@@ -250,6 +258,11 @@ def test_resume_in_bf16_is_bit_identical(tmp_path, job, overrides):
         assert resumed[-1][key] == straight[-1][key], key
     a, b = _checkpoint_tensors(tmp_path / "straight"), _checkpoint_tensors(tmp_path / "resumed")
     assert sorted(a) == sorted(b) and any("optimizer" in k for k in a)
-    assert any(v.dtype == torch.bfloat16 for v in a.values()) and any(v.dtype == torch.float32 for v in a.values())
-    different = [k for k in a if not torch.equal(a[k], b[k])]
+    if "model.dtype=fp32" not in overrides:
+        assert any(v.dtype == torch.bfloat16 for v in a.values()) and any(v.dtype == torch.float32 for v in a.values())
+    # The distributed optimizer stores flat buckets whose padding is uninitialised memory: its
+    # Adam state is checked through step 3's update instead (the weights after it are compared).
+    compared = [k for k in a if ".distributed." not in k]
+    assert any(k.startswith(".:model.") or ":model." in k for k in compared)
+    different = [k for k in compared if not torch.equal(a[k], b[k])]
     assert not different, different

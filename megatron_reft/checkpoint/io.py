@@ -164,6 +164,52 @@ def _fresh_tmp(tmp: Path) -> None:
     (tmp / "rng").mkdir()
 
 
+# The distributed optimizer's default format in megatron-core 0.16 ("fully_sharded_model_space",
+# deprecated) cannot be saved at all; "fully_reshardable" stores each parameter's Adam state and
+# fp32 main weight in its model shape, so a resume may change TP, PP or DP like the weights.
+# Other optimizers ignore the setting.
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _optimizer_state(optimizer, model_state: dict, is_loading: bool = False):
+    if is_loading:
+        _allocate_distributed_optimizer_state(optimizer)
+    return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=dict(_OPTIMIZER_FORMAT))
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+
+
+def _restore_distributed_adam_steps(optimizer) -> None:
+    """torch's Adam (no TE/apex) counts steps per parameter, in a tensor it increments in place.
+    The distributed optimizer saves one common step and, on load, gives every parameter the
+    *same* tensor (so one optimizer step would advance it once per parameter), then its
+    per-parameter copy writes the pre-load value (the dummy step's 1) into it. Either way Adam's
+    bias correction would be wrong: give every parameter its own count, the checkpoint's."""
+    for distributed in _distributed_optimizers(optimizer):
+        for group in distributed.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = distributed.optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """A distributed optimizer that has not stepped yet has no Adam state to load into (without
+    TE/apex megatron reads the step count from it). Megatron's own dummy step allocates it; every
+    value it writes is then overwritten by the checkpoint (optimizer state, main weights, and the
+    model weights loaded after them)."""
+    for distributed in _distributed_optimizers(optimizer):
+        if not distributed.optimizer.state:
+            distributed._init_optimizer_states_with_dummy_values()
+
+
 def _write_shards(tmp: Path, model_chunk, optimizer) -> None:
     from megatron.core import dist_checkpointing
 
@@ -173,7 +219,7 @@ def _write_shards(tmp: Path, model_chunk, optimizer) -> None:
 
     state = model_sharded_state_dict(model_chunk)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = _optimizer_state(optimizer, state)
     with role_as_world():  # the writers: this role's ranks (all ranks when the world is not split)
         dist_checkpointing.save(state, str(tmp / "weights"))  # megatron fsyncs the shard files
     rng_file = tmp / "rng" / f"rank_{_rank():05d}.pt"
@@ -257,11 +303,13 @@ def load_checkpoint(directory: str | Path, model_chunk, *, optimizer=None,
     state = model_sharded_state_dict(model_chunk)
     state = {k: v for k, v in state.items() if not _missing_value_head(k, v, present)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        state["optimizer"] = _optimizer_state(optimizer, state, is_loading=True)
     with role_as_world():
         loaded = dist_checkpointing.load(state, str(directory / "weights"))
     if optimizer is not None:
-        optimizer.load_state_dict(loaded.pop("optimizer"))
+        with torch.no_grad():  # the distributed optimizer copies into views of the weights
+            optimizer.load_state_dict(loaded.pop("optimizer"))
+        _restore_distributed_adam_steps(optimizer)
     model_state = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
     missing = unwrap(model_chunk).load_state_dict(model_state, strict=False).missing_keys
     unexpected_missing = [k for k in missing if not k.startswith("value_head") and "_extra_state" not in k]
