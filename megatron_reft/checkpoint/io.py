@@ -165,8 +165,9 @@ def _fresh_tmp(tmp: Path) -> None:
 
 
 # The distributed optimizer's default format in megatron-core 0.16 ("fully_sharded_model_space",
-# deprecated) cannot be saved at all; "fully_reshardable" stores each parameter's Adam state and
-# fp32 main weight in its model shape, so a resume may change TP, PP or DP like the weights.
+# deprecated) cannot be saved at all, and "fully_reshardable" cannot be loaded into torch's Adam
+# (its per-parameter "step"). "dp_reshardable" (Megatron-LM's default) saves each rank's flat
+# buckets in parallel; megatron reshards it in DP only, so a resume keeps TP and PP.
 # Other optimizers ignore the setting.
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
