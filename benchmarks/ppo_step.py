@@ -238,19 +238,24 @@ def hf_forward(model, head, tokens, labels, attention_mask):
     return logprobs, values
 
 
-def _reference_rollout(hf, prompts, lengths):
+def _reference_generate(hf, prompts, lengths):
     """One device's `generate` over its prompts: left-padded to their longest prompt, every row
-    decoded until the longest response is done; → tokens, labels, action mask, attention [n, w]."""
+    decoded until the longest response is done."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
-    seqs = hf.generate(ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+    return hf.generate(ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
                        temperature=1.0, max_new_tokens=max(lengths), min_new_tokens=max(lengths),
                        eos_token_id=0, pad_token_id=0)
+
+
+def _reference_layout(seqs, prompts, lengths):
+    """→ tokens, labels, action mask, attention [n, w] of one device's generated rows."""
+    width = max(map(len, prompts))
     seqs = seqs[:, :width + max(lengths)]  # right-padded to the longest response
     tokens, labels = seqs[:, :-1], seqs[:, 1:]
-    mask = torch.zeros(labels.shape, device=hf.device)
-    attention = torch.zeros(tokens.shape, dtype=torch.long, device=hf.device)
+    mask = torch.zeros(labels.shape, device=seqs.device)
+    attention = torch.zeros(tokens.shape, dtype=torch.long, device=seqs.device)
     for row, n in enumerate(lengths):
         mask[row, width - 1:width - 1 + n] = 1.0
         attention[row, width - len(prompts[row]):width - 1 + n] = 1
@@ -269,9 +274,10 @@ def reference_step(hf, hf_ref, head, optimizer, prompts, lengths, scores, args, 
 
     def sample():
         torch.manual_seed(seed)
-        return [_reference_rollout(hf, prompts[i:i + per_device], lengths[i:i + per_device]) for i in starts]
+        return [_reference_generate(hf, prompts[i:i + per_device], lengths[i:i + per_device]) for i in starts]
 
-    groups = ph("generation", sample)
+    groups = [_reference_layout(seqs, prompts[i:i + per_device], lengths[i:i + per_device])
+              for i, seqs in zip(starts, ph("generation", sample))]
     # The groups side by side in [B, W] tensors, each right-padded to the widest group.
     width = max(g[0].shape[1] for g in groups)
     tokens, labels, mask, attention = (torch.cat([torch.nn.functional.pad(g[k], (0, width - g[k].shape[1]))
