@@ -129,8 +129,6 @@ def _sft_epochs(seed_dir: Path) -> int:
 
 
 def _offline_st_epochs(seed_dir: Path) -> int:
-    from megatron_reft.demo import sft_epoch_accuracies
-
     run = seed_dir / "offline_st"
     return max(sft_epoch_accuracies(run), default=0) if (run / "metrics.jsonl").is_file() else 0
 
@@ -157,8 +155,10 @@ def _sampled_checkpoints(seed_dir: Path) -> dict[str, Path]:
 
 
 def heldout_file(out: Path, overrides: list[str] = ()) -> Path:
-    """The demo's held-out items as a JSONL file: the offline-ST SFT trains on a file, and
-    `data.eval_file: synthetic` would bring the synthetic train split back with it."""
+    """The demo's held-out items as a JSONL file, the offline-ST SFT's eval file. (It was written
+    because `data.eval_file: synthetic` used to bring the synthetic train split back alongside a
+    real train file; runtime.load_data now keeps each split's source, and the file stays so that
+    earlier matrices' commands reproduce.)"""
     from megatron_reft.config import load_config
     from megatron_reft.data import make_synthetic_splits
     from megatron_reft.data.loaders import save_records
