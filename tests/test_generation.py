@@ -1,6 +1,7 @@
 """Rollout engine (megatron_reft/generation): KV-cached generation against no-cache recomputation
 and a naive one-prompt-at-a-time argmax loop, under TP=2, PP=2 and TP=2×PP=2; batching, EOS,
-length limits, padded vocabulary, top-k/top-p, seeded sampling.
+length limits, padded vocabulary, top-k/top-p, seeded sampling; ragged prompts right-aligned
+against fed a token per step.
 
 Megatron runs in spawned processes (tests/dist_utils.py): its parallel state and the CPU
 compatibility layer are process-global. Each worker returns plain token lists; the assertions
@@ -65,7 +66,11 @@ def _generate_suite(engine, eos_id=VOCAB - 1):
     limited = SamplingParams(max_new_tokens=NEW, greedy=True, max_total_length=14)
     swaps = _count_cache_swaps()
     limited_tokens = run(limited).tokens
+    aligned, fed = run(greedy), _fed(lambda: run(greedy))
     return {
+        "fed": fed.tokens,
+        "aligned_steps": aligned.decode_slot_steps // len(prompts),
+        "fed_steps": fed.decode_slot_steps // len(prompts),
         "limited": limited_tokens,
         "limited_compactions": len(swaps),
         "limited_no_cache": run(limited, use_cache=False).tokens,
@@ -78,20 +83,35 @@ def _generate_suite(engine, eos_id=VOCAB - 1):
     }
 
 
+def _fed(call):
+    """Run `call` with the engine feeding ragged prompts one token per batched step (never
+    right-aligning them): the scheme right-alignment must agree with."""
+    import importlib
+
+    engine_module = importlib.import_module("megatron_reft.generation.generate")  # the module, not the function
+    aligned_over = engine_module.ALIGN_WHEN_SPREAD_OVER
+    engine_module.ALIGN_WHEN_SPREAD_OVER = 0
+    try:
+        return call()
+    finally:
+        engine_module.ALIGN_WHEN_SPREAD_OVER = aligned_over
+
+
 def _count_cache_swaps() -> list:
     """Record every KV-cache row reordering (batch compaction) from now on."""
-    from megatron.core.inference.contexts import StaticInferenceContext
+    import importlib
+
+    engine_module = importlib.import_module("megatron_reft.generation.generate")  # the module, not the function
 
     calls = []
-    original = getattr(StaticInferenceContext.swap_key_value_dict, "original",
-                       StaticInferenceContext.swap_key_value_dict)
+    original = getattr(engine_module.move_cache_rows_to_front, "original", engine_module.move_cache_rows_to_front)
 
-    def counting(self, batch_idx):
-        calls.append(len(batch_idx))
-        return original(self, batch_idx)
+    def counting(context, rows, filled):
+        calls.append(len(rows))
+        return original(context, rows, filled)
 
     counting.original = original
-    StaticInferenceContext.swap_key_value_dict = counting
+    engine_module.move_cache_rows_to_front = counting
     return calls
 
 
@@ -121,6 +141,7 @@ def _single_process_worker(rank, world_size):
         r["limits"] = _limit_runs(engine)
         r["training_flag_kept"] = engine.gpt.training
         r["output_layer_rows"], r["generated_tokens"] = _output_layer_rows(engine, prompts)
+        r["megatron_attention"] = _megatron_attention_runs(family, prompts)
         results[family] = r
     results["padded_vocab"] = _padded_vocab_runs()
     dinit.shutdown()
@@ -139,6 +160,26 @@ def _output_layer_rows(engine, prompts) -> tuple[int, int]:
     finally:
         hook.remove()
     return sum(rows), out.num_generated_tokens
+
+
+def _megatron_attention_runs(family, prompts) -> dict:
+    """megatron's own local attention (the `model.attention: megatron` spec) applies a given mask
+    while decoding too: right-aligned prompts and continuous batching run on it. An attention that
+    does not (Transformer Engine's, not importable here; a stand-in module class) is detected."""
+    from megatron_reft.engine import Engine
+    from megatron_reft.generation import generate
+    from megatron_reft.generation.stages import masks_while_decoding
+
+    engine = Engine(_model_config(family), attention="megatron")
+    engine.init_from_scratch(seed=7)
+    greedy = SamplingParams(max_new_tokens=NEW, greedy=True)
+    out = generate(engine, prompts, VOCAB - 1, greedy)
+    continuous = generate(engine, prompts, VOCAB - 1, greedy, slots=2)
+    layer = engine.gpt.decoder.layers[0].self_attention
+    sdpa_masks, megatron_masks = masks_while_decoding(_engine(family).gpt), masks_while_decoding(engine.gpt)
+    layer.core_attention = torch.nn.Identity()  # a core attention of another kind, as TE's is
+    return {"tokens": out.tokens, "steps": out.decode_slot_steps // len(prompts), "continuous": continuous.tokens,
+            "masks": (sdpa_masks, megatron_masks, masks_while_decoding(engine.gpt))}
 
 
 def _eos_runs(engine, prompts, unstopped):
@@ -227,6 +268,26 @@ def test_kv_cache_greedy_equals_recomputation_and_naive_loop(single, family):
     assert r["cache"] == r["naive"]
 
 
+FED_STEPS = max(PROMPT_LENGTHS) + NEW - min(PROMPT_LENGTHS)  # the longest prompt's extra tokens fed one a step
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_right_aligned_prompts_decode_in_fewer_steps_and_give_the_fed_tokens(single, family):
+    """Ragged prompts (1 to 12 tokens) are prefilled right-aligned: NEW decode steps instead of
+    FED_STEPS, the same greedy tokens as feeding them a token per step (and as the naive loop)."""
+    r = single[family]
+    assert r["aligned_steps"] == NEW < r["fed_steps"] == FED_STEPS
+    assert r["fed"] == r["cache"] == r["naive"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_megatron_attention_masks_while_decoding_too(single, family):
+    r = single[family]["megatron_attention"]
+    assert r["steps"] == NEW
+    assert r["tokens"] == r["continuous"] == single[family]["naive"]
+    assert r["masks"] == (True, True, False)
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(single, family):
     assert single[family]["cache"] == single[family]["alone"]
@@ -308,7 +369,8 @@ def test_parallel_generation_matches_single_process_and_agrees_across_ranks(sing
         # every rank (all TP and PP ranks) returns the same tokens
         for key in ("cache", "no_cache", "sampled", "sampled_again", "sampled_no_cache"):
             assert r[key] == ranks[0][key], (key, r["tp_rank"], r["pp_rank"])
-        assert r["cache"] == r["no_cache"]
+        assert r["cache"] == r["no_cache"] == r["fed"]
+        assert r["aligned_steps"] == NEW and r["fed_steps"] == FED_STEPS
         assert r["sampled"] == r["sampled_again"] == r["sampled_no_cache"]
         assert r["cache"] == reference["naive"]
         assert r["limited"] == r["limited_no_cache"] == _limited_expectation(reference["naive"])

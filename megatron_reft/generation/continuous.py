@@ -65,19 +65,53 @@ def _prefill_rows(stage, batch, seqs: list[int], rows: list[int], slot: int, con
     rows `rows` so that each prompt ends at cache slot `slot - 1`."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    lens = [int(batch.lens[s]) for s in seqs]
-    width = max(lens) - 1
+    device = batch.tokens.device
+    lens = batch.lens[torch.tensor(seqs, device=device)]
+    width = int(lens.max()) - 1
     if width == 0:
         return  # one-token prompts: the decode step feeds their only token
-    tokens = batch.tokens[torch.tensor(seqs, device=batch.tokens.device), :width]
-    positions = torch.arange(width, device=tokens.device).expand_as(tokens)
+    tokens = batch.tokens[torch.tensor(seqs, device=device), :width]
+    positions = torch.arange(width, device=device).expand_as(tokens)
     scratch = StaticInferenceContext(len(seqs), width)
-    stage.last_logits(tokens, positions, None, scratch)
+    no_choice = torch.zeros(len(seqs), dtype=torch.bool, device=device)  # no logits needed: skip the output layer
+    stage.last_logits(tokens, positions, None, scratch, no_choice)
+    # One indexed copy per layer: (scratch slot j, scratch row i) -> (slot - len_i + j, rows[i])
+    # for j < len_i - 1 (a loop over rows would be rows × layers tiny copies, kernel launches on a GPU).
+    counts = lens - 1
+    source_row = torch.repeat_interleave(torch.arange(len(seqs), device=device), counts)
+    firsts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    source_slot = torch.arange(int(counts.sum()), device=device) - firsts
+    target_row = torch.tensor(rows, device=device)[source_row]
+    target_slot = slot - lens[source_row] + source_slot
     for layer, (keys, values) in scratch.key_value_memory_dict.items():
+        if layer not in context.key_value_memory_dict:  # prompts entering a fresh cache
+            context.key_value_memory_dict[layer] = (_zeroed_cache(context, keys), _zeroed_cache(context, values))
         cache_keys, cache_values = context.key_value_memory_dict[layer]
-        for i, (row, n) in enumerate(zip(rows, lens)):
-            cache_keys[slot - n:slot - 1, row] = keys[:n - 1, i]
-            cache_values[slot - n:slot - 1, row] = values[:n - 1, i]
+        cache_keys[target_slot, target_row] = keys[source_slot, source_row]
+        cache_values[target_slot, target_row] = values[source_slot, source_row]
+
+
+def _zeroed_cache(context, like: torch.Tensor) -> torch.Tensor:
+    """One layer's K or V cache for `context`, as megatron would allocate it on its first
+    forward ([slots, rows, groups, dim], here stored batch-first like models/sdpa_attention.py's)
+    but zeroed: the slots a row's mask hides must hold finite numbers (a masked NaN still
+    poisons the attention's weighted sum, 0 × NaN)."""
+    _, _, groups, dim = like.shape
+    stored = torch.zeros(context.max_batch_size, groups, context.max_sequence_length, dim,
+                         dtype=like.dtype, device=like.device)
+    return stored.permute(2, 0, 1, 3)
+
+
+def right_align_prompts(stage, batch, context) -> int:
+    """Start decoding with every active row's prompt ending at the same cache slot: prefill all
+    but their last tokens at once (`_prefill_rows`), each row starting at its own cache slot,
+    instead of feeding the longer prompts one token per batched decode step. Returns the cache
+    slot whose token the first decode step's logits choose."""
+    seqs = batch.rows[:batch.n]
+    slot = int(batch.lens[seqs].max())
+    _prefill_rows(stage, batch, seqs.tolist(), list(range(batch.n)), slot, context)
+    batch.start[seqs] = slot - batch.lens[seqs]
+    return slot
 
 
 def shift_cache(batch, slot: int, context) -> int:

@@ -3,13 +3,21 @@
 
 Layout: every sequence starts at cache slot 0, so a token's position is its slot index for every
 sequence (RoPE and learned positions both right, no position bookkeeping, no attention mask
-after the prompt). Prompts of different lengths: the shared prefix length (the shortest prompt)
-is encoded in one prefill; from there the batch advances one slot per step, and a sequence
-still inside its prompt is fed its own next prompt token instead of the sampled one
-(megatron's own static-batching scheme). Because no pad key ever sits before a real token, this
-needs no padding mask, which Transformer Engine's attention would ignore during decoding.
-Cost: (longest − shortest prompt) extra single-token steps; sort prompts by length into
-batches if that spread is large.
+after the prompt). Prompts of different lengths, two ways:
+
+- fed (megatron's own static-batching scheme): the shared prefix (the shortest prompt) is encoded
+  in one prefill; from there the batch advances one slot per step, and a sequence still inside
+  its prompt is fed its own next prompt token instead of the sampled one. No pad key ever sits
+  before a real token, so no padding mask is needed — which Transformer Engine's attention would
+  ignore during decoding. Cost: (longest − shortest prompt) extra full-batch decode steps.
+- right-aligned (when the attention honours a decode-time mask — the local layer spec's — and
+  the spread is worth it, `_aligning_pays`): all prompts are prefilled at once and copied into
+  the cache so that they end at the same slot (generation/continuous.py `right_align_prompts`);
+  each row then starts at its own slot (`_Batch.start`), feeds its own positions and masks the
+  slots before its start — the continuous-batching step. Real GSM8K prompts spread over ~100
+  tokens, so this removes up to that many full-batch steps per rollout. Greedy tokens are the
+  fed scheme's; sampled tokens are reproducible per seed (with or without the cache: the uncached
+  path recomputes the same layout) but are not the fed scheme's draws.
 
 The KV cache is megatron-core's `StaticInferenceContext` (the attention layers write into it
 themselves). Finished sequences are dropped from the batch (cache rows reordered) once a
@@ -28,11 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_reft.generation.continuous import admit_waiting, continuous_cache_length, shift_cache
+from megatron_reft.generation.continuous import (admit_waiting, continuous_cache_length, right_align_prompts,
+                                                 shift_cache)
 from megatron_reft.generation.sampling import SamplingParams, next_tokens
 from megatron_reft.generation.stages import SCORES, StageRunner
 
 COMPACT_WHEN_ACTIVE_BELOW = 0.75  # fraction of the current batch still generating
+ALIGN_WHEN_SPREAD_OVER = 16  # right-align prompts when their length spread > 1/16 of the decode steps
 
 
 @dataclass
@@ -156,18 +166,20 @@ class _Batch:
     def all_done(self) -> bool:
         return bool(self.done.all())
 
-    def compact(self, context) -> None:
-        """Move still-running rows to the front of the batch (and of the KV cache)."""
+    def compact(self, context, filled: int) -> None:
+        """Move still-running rows to the front of the batch (and of the KV cache, whose slots
+        [0, filled) hold keys)."""
         if self.waiting:  # continuous batching refills finished rows in place instead
             return
         keep = ~self.done[self.active]
         n_keep = int(keep.sum())
         if n_keep >= COMPACT_WHEN_ACTIVE_BELOW * self.n:
             return
-        order = torch.cat([keep.nonzero()[:, 0], (~keep).nonzero()[:, 0],
+        kept = keep.nonzero()[:, 0]
+        order = torch.cat([kept, (~keep).nonzero()[:, 0],
                            torch.arange(self.n, len(self.rows), device=keep.device)])
         if context is not None and context.key_value_memory_dict:
-            context.swap_key_value_dict(order)
+            move_cache_rows_to_front(context, kept, filled)
         self.rows, self.n = self.rows[order], n_keep
 
     def output(self, seconds: float, with_values: bool = False) -> GenerationOutput:
@@ -220,6 +232,10 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     gpt.eval()
     try:
         stage = StageRunner(gpt, model_cfg.vocab_size)
+        if slots is not None and not stage.masks_while_decoding:
+            raise ValueError("continuous batching (slots=) needs an attention that applies a padding mask "
+                             "while decoding: the local layer spec's (model.use_te: false), not Transformer "
+                             "Engine's")
         batch = _Batch(prompts, limits, eos_id, params.stops_at_eos, stage.device, slots, scored=return_logprobs)
         with_values = return_logprobs and stage.has_value_head()
         generator = None
@@ -239,12 +255,25 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     """score_temperature: not None → score every sampled token at it (return_logprobs)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    slot = int(batch.lens[batch.active].min())  # the cache slot whose token the next logits choose
     continuous = bool(batch.waiting)
-    total = continuous_cache_length(batch) if continuous else int(batch.ends.max())
+    aligned = _aligning_pays(stage, batch)
+    lens, limits = batch.lens[batch.active], (batch.ends - batch.lens)[batch.active]
+    if continuous:
+        total = continuous_cache_length(batch)
+    else:  # right-aligned: every prompt ends at the longest prompt's last slot
+        total = int(lens.max() + limits.max()) if aligned else int(batch.ends.max())
     context = StaticInferenceContext(batch.width, total) if use_cache else None
+    if aligned and use_cache:
+        slot = right_align_prompts(stage, batch, context)  # the cache slot whose token the next logits choose
+        logits = _forward(stage, batch, slot - 1, slot, context)  # every row's last prompt token
+    elif aligned:  # the same layout recomputed: same draws per step as the cached engine
+        slot = int(lens.max())
+        batch.start[batch.active] = slot - lens
+        logits = _forward(stage, batch, 0, slot, None)
+    else:
+        slot = int(lens.min())
+        logits = _forward(stage, batch, 0, slot, context)  # prefill of the shared prompt prefix
     bar = _progress_bar(None if continuous else total - slot, progress)
-    logits = _forward(stage, batch, 0, slot, context)  # prefill of the shared prompt prefix
     while True:
         batch.row_steps += batch.n
         batch.slot_steps += batch.width
@@ -259,7 +288,7 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
         bar.update(1)
         if batch.all_done():
             break
-        batch.compact(context)
+        batch.compact(context, slot)
         if continuous:
             slot = shift_cache(batch, slot, context)
             admit_waiting(stage, batch, slot, context)
@@ -270,12 +299,27 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     bar.close()
 
 
+def _aligning_pays(stage: StageRunner, batch: _Batch) -> bool:
+    """Right-align ragged prompts (one prefill, then a padding mask at every decode step) rather
+    than feed each longer prompt's extra tokens through batched single-token steps? Only where
+    the attention honours a mask while decoding (TE's ignores it), and only when the prompt
+    spread is worth a mask: a masked decode step costs ~5 % more at the quickstart shape, so
+    `spread` saved steps pay for it when they exceed ~1/16 of the decode steps."""
+    lens = batch.lens[batch.active]
+    spread = int(lens.max() - lens.min())
+    steps = int((batch.ends - batch.lens)[batch.active].max())
+    return spread > 0 and spread * ALIGN_WHEN_SPREAD_OVER >= steps and stage.masks_while_decoding
+
+
 def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
     """Feed cache slots [begin, end) of the active rows (begin > 0 only with a cache holding the rest)."""
     rows = batch.active
     starts = batch.start[rows]
-    if begin > 0 and bool(starts.any()):  # continuous batching: each row at its own slot
-        return _forward_own_slots(stage, batch, end, context)
+    if bool(starts.any()):  # right-aligned prompts or continuous batching: each row at its own slot
+        if context is None:
+            return _recompute_own_slots(stage, batch, end)
+        if begin > 0:
+            return _forward_own_slots(stage, batch, end, context)
     tokens = batch.tokens[rows, begin:end]
     positions = torch.arange(begin, end, device=tokens.device).expand_as(tokens)
     # No mask tensor: the prefill (begin = 0, no padding before any real token — see the module
@@ -306,6 +350,32 @@ def _forward_own_slots(stage: StageRunner, batch: _Batch, end: int, context):
     context.row_positions = fed  # read by the llama SDPA spec's attention (models/sdpa_attention.py)
     context.enable_decode_mode()
     return stage.last_logits(tokens, positions, hidden[:, None, None, :], context, batch.choosing(end))
+
+
+def move_cache_rows_to_front(context, rows: torch.Tensor, filled: int) -> None:
+    """Copy KV-cache rows `rows` to rows 0..len(rows)-1, in place and only their slots
+    [0, filled). megatron's `swap_key_value_dict` instead gathers every row and every slot of
+    the cache into new tensors (~9 % of a CPU rollout at the quickstart shape, 10 compactions);
+    here the rows left behind belong to finished sequences, never fed again, and slots past
+    `filled` are written before they are read. In place also keeps the cache's batch-first
+    storage (models/sdpa_attention.py)."""
+    for memories in context.key_value_memory_dict.values():
+        for memory in memories:  # [slots, rows, groups, dim] views
+            memory[:filled, :len(rows)] = memory[:filled, rows]
+
+
+def _recompute_own_slots(stage: StageRunner, batch: _Batch, end: int):
+    """`use_cache=False` with rows at their own start slots: cache slots [0, end) recomputed, each
+    row left-padded to its start, a mask keeping each query on its own row's earlier tokens (a
+    padding query sees only itself: a row with nothing allowed would make NaNs)."""
+    rows = batch.active
+    slots = torch.arange(end, device=batch.tokens.device)
+    local = slots - batch.start[rows].unsqueeze(1)  # [n, end]
+    fed = local.clamp(min=0, max=batch.tokens.shape[1] - 1)
+    tokens = batch.tokens[rows.unsqueeze(1), fed]
+    causal = slots.unsqueeze(1) >= slots  # [query, key]
+    allowed = (causal & (local >= 0).unsqueeze(1)) | torch.eye(end, dtype=torch.bool, device=slots.device)
+    return stage.last_logits(tokens, fed, ~allowed.unsqueeze(1), None, batch.choosing(end))
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -35,6 +35,7 @@ class StageRunner:
         self.is_sampler = self.is_last and ps.get_tensor_model_parallel_rank() == 0
         self.device = next(gpt.parameters()).device
         self.sampler_rank = self._find_sampler_rank()
+        self.masks_while_decoding = masks_while_decoding(gpt)
 
     def _find_sampler_rank(self) -> int:
         """Global rank of this model-parallel group's sampler (one collective, once per call)."""
@@ -62,6 +63,8 @@ class StageRunner:
             return None
         last = hidden[-1:]  # [1, b, h]: the position that predicts the next token
         self.last_hidden = last  # post final norm: what the training forward's value head reads
+        if choosing is not None and not bool(choosing.any()):  # e.g. a prefill whose tokens all follow
+            return last.new_zeros(batch, self.true_vocab, dtype=torch.float32)
         if choosing is not None and not bool(choosing.all()):
             chosen, _ = self.gpt.output_layer(last[:, choosing], weight=self.gpt.output_weight(),
                                               runtime_gather_output=True)
@@ -117,3 +120,16 @@ class StageRunner:
             buf = torch.empty(batch, 1 + SCORES, dtype=torch.float64, device=self.device)
         dist.broadcast(buf, src=self.sampler_rank, group=self.mp_group)
         return buf[:, 0].long(), buf[:, 1:].float()
+
+
+def masks_while_decoding(gpt) -> bool:
+    """Whether this model's core attention applies a padding mask to one-token decode steps
+    (right-aligned prompts and continuous batching need it). megatron's local attention (and
+    models/sdpa_attention.py's subclass) applies any mask it is given, unless a sliding window
+    replaces it; Transformer Engine's follows the mask type, which megatron-core 0.16.1 switches to
+    `no_mask` past the prefill, so it would not. Same answer on every rank: one layer spec."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cores = [m.core_attention for m in gpt.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(c, DotProductAttention) and c.scale_mask_softmax.window_size is None
+                               for c in cores)

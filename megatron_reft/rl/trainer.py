@@ -19,6 +19,7 @@ from megatron_reft.checkpoint.io import load_checkpoint, mark_latest, prune_chec
 from megatron_reft.config import ConfigError
 from megatron_reft.engines import build_critic, build_engine
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
+from megatron_reft.generation.stages import masks_while_decoding
 from megatron_reft.reliability import watchdog
 from megatron_reft.reliability.numerics import NonFiniteGuard, rollout_is_finite
 from megatron_reft.rl import ppo_math
@@ -100,6 +101,10 @@ class PPOTrainer:
         runtime.write_run_config(config, self.model_cfg, job="ppo")
         shared = config.critic.mode == "shared"
         self.policy = build_engine(config, self.model_cfg, optim=True, value_head=shared)
+        if config.ppo.continuous_batching and not masks_while_decoding(self.policy.gpt):
+            raise ConfigError("ppo.continuous_batching: needs an attention that applies a padding mask while "
+                              "decoding, which Transformer Engine's does not: set model.use_te=false (the local "
+                              "layer spec) or ppo.continuous_batching=false")
         self.reference = build_engine(config, self.model_cfg, optim=False)
         self.critic = build_critic(config, self.model_cfg, self.policy)  # critic.mode (issue 12)
         self.scorer = make_scorer(config)
