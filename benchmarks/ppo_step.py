@@ -236,20 +236,7 @@ def _plan(batch, args, fast: bool):
     return micro_batches(batch, list(range(batch.size)), args.micro_batch, token_budget=budget)
 
 
-def ours_fed_step(*step_args):
-    """ours, with ragged prompts fed one token per batched decode step instead of right-aligned."""
-    import importlib
-
-    engine_module = importlib.import_module("megatron_reft.generation.generate")
-    aligned_over = engine_module.ALIGN_WHEN_SPREAD_OVER
-    engine_module.ALIGN_WHEN_SPREAD_OVER = 0  # never align
-    try:
-        return ours_step(*step_args)
-    finally:
-        engine_module.ALIGN_WHEN_SPREAD_OVER = aligned_over
-
-
-def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True):
+def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True, align_prompts=None):
     from megatron_reft.config import load_config
     from megatron_reft.generation import SamplingParams, generate
     from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats, rollout_outputs
@@ -263,7 +250,7 @@ def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True
     # Each row stops at its drawn length, as it would at its EOS in a real run (the engine drops
     # finished rows); `--lengths fixed` gives every row the full length.
     out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, response_caps=lengths,
-                                            return_logprobs=captured))
+                                            return_logprobs=captured, align_prompts=align_prompts))
     responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
     token_scores = {name: [row[:n] for row, n in zip(getattr(out, field), lengths)]
                  for name, field in (("logprobs", "logprobs"), ("entropy", "entropies"), ("values", "values"))
@@ -413,7 +400,7 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     if prompt_lengths is not None:
         prompts = [p[:n] for p, n in zip(prompts, prompt_lengths)]
     table = {"ours": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, fast=True),
-             "ours_fed": lambda s: ours_fed_step(*engines["ours"], prompts, lengths, scores, args, s),
+             "ours_fed": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, align_prompts=False),
              "ours_before": lambda s: ours_step(*engines["ours_before"], prompts, lengths, scores, args, s, fast=False),
              "reference_hf": lambda s: reference_step(*hf_parts, prompts, lengths, scores, args, s)}
     runs = {name: table[name] for name in methods}

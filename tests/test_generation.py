@@ -66,7 +66,7 @@ def _generate_suite(engine, eos_id=VOCAB - 1):
     limited = SamplingParams(max_new_tokens=NEW, greedy=True, max_total_length=14)
     swaps = _count_cache_swaps()
     limited_tokens = run(limited).tokens
-    aligned, fed = run(greedy), _fed(lambda: run(greedy))
+    aligned, fed = run(greedy), run(greedy, align_prompts=False)
     return {
         "fed": fed.tokens,
         "aligned_steps": aligned.decode_slot_steps // len(prompts),
@@ -81,20 +81,6 @@ def _generate_suite(engine, eos_id=VOCAB - 1):
         "sampled_no_cache": run(sample, seed=11, use_cache=False).tokens,
         "sampled_other_seed": run(sample, seed=12).tokens,
     }
-
-
-def _fed(call):
-    """Run `call` with the engine feeding ragged prompts one token per batched step (never
-    right-aligning them): the scheme right-alignment must agree with."""
-    import importlib
-
-    engine_module = importlib.import_module("megatron_reft.generation.generate")  # the module, not the function
-    aligned_over = engine_module.ALIGN_WHEN_SPREAD_OVER
-    engine_module.ALIGN_WHEN_SPREAD_OVER = 0
-    try:
-        return call()
-    finally:
-        engine_module.ALIGN_WHEN_SPREAD_OVER = aligned_over
 
 
 def _count_cache_swaps() -> list:

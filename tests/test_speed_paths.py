@@ -161,11 +161,14 @@ def _layout_worker(rank, world, tp, pp):
     out["greedy"] = {name: generate(e, PROMPTS, eos_id=1, params=params).tokens
                      for name, e in (("megatron", megatron), ("sdpa", sdpa))}
     out["greedy"]["sdpa_no_cache"] = generate(sdpa, PROMPTS, eos_id=1, params=params, use_cache=False).tokens
-    # decode-slot accounting: prompts of 2–6 tokens, 6 new each → the 2-token prompt's row
-    # computes 10 steps; rows of longer prompts feed prompt tokens for some of them
-    one = generate(sdpa, PROMPTS, eos_id=1, params=SamplingParams(max_new_tokens=6, ignore_eos=True,
-                                                                  temperature=0.0, max_total_length=20))
-    out["slots"] = (one.num_generated_tokens, one.decode_row_steps)
+    # decode-slot accounting: prompts of 2–6 tokens, 6 new each. Fed a token per step, the
+    # 2-token prompt's row computes 10 steps; rows of longer prompts feed prompt tokens for some
+    # of them. Right-aligned, every row computes exactly its 6 steps.
+    fixed = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0, max_total_length=20)
+    fed = generate(sdpa, PROMPTS, eos_id=1, params=fixed, align_prompts=False)
+    aligned = generate(sdpa, PROMPTS, eos_id=1, params=fixed, align_prompts=True)
+    out["slots"] = {name: (o.num_generated_tokens, o.decode_row_steps) for name, o in
+                    (("fed", fed), ("aligned", aligned))}
     from megatron.core import parallel_state as ps
 
     out["last_stage"] = ps.is_pipeline_last_stage()
@@ -240,11 +243,13 @@ def test_token_budget_trims_padding_and_pipeline_rounds_widths(layout):
 
 
 def test_decode_slot_accounting(layout):
-    generated, row_steps = layout("tp1pp1")[0]["slots"]
+    slots = layout("tp1pp1")[0]["slots"]
+    generated, row_steps = slots["fed"]
     assert generated == 6 * len(PROMPTS)
     # one step per slot from the shortest prompt (2) to the end of the longest (6 + 6): 10 steps;
     # rows are compacted once a quarter has finished (prompt lengths 2..6 finish at slots 8..12)
     assert generated < row_steps <= 10 * len(PROMPTS)
+    assert slots["aligned"] == (generated, generated)  # every computed row-step made a token
 
 
 def _module_worker(rank, world):

@@ -11,7 +11,7 @@ after the prompt). Prompts of different lengths, two ways:
   before a real token, so no padding mask is needed — which Transformer Engine's attention would
   ignore during decoding. Cost: (longest − shortest prompt) extra full-batch decode steps.
 - right-aligned (when the attention honours a decode-time mask — the local layer spec's — and
-  the spread is worth it, `_aligning_pays`): all prompts are prefilled at once and copied into
+  the spread is worth it, `_aligning`): all prompts are prefilled at once and copied into
   the cache so that they end at the same slot (generation/continuous.py `right_align_prompts`);
   each row then starts at its own slot (`_Batch.start`), feeds its own positions and masks the
   slots before its start — the continuous-batching step. Real GSM8K prompts spread over ~100
@@ -197,7 +197,7 @@ class _Batch:
 def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingParams,
              seed: int | None = None, *, use_cache: bool = True, progress: bool = False,
              slots: int | None = None, response_caps: list[int] | None = None,
-             return_logprobs: bool = False) -> GenerationOutput:
+             return_logprobs: bool = False, align_prompts: bool | None = None) -> GenerationOutput:
     """Sample a response for every prompt with this rank's model chunk (`engine.gpt`).
 
     Call on every rank of the model-parallel group with the same prompts; every rank returns
@@ -215,6 +215,8 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     scoring temperature (`engine.temperature`, the one its training forward uses — not
     `params.temperature`, and before top-k/top-p: PPO's ratio compares the same quantity) and the
     value head's output (GenerationOutput.logprobs / entropies / values).
+    `align_prompts`: right-align prompts of different lengths (True), feed them a token per step
+    (False), or choose by cost (None); only where the attention masks while decoding (module doc).
     """
     if slots is not None and slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
@@ -242,7 +244,7 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
         if seed is not None and stage.is_sampler:
             generator = torch.Generator(device=stage.device).manual_seed(seed)
         score_temperature = getattr(engine, "temperature", 1.0) if return_logprobs else None
-        _decode(stage, batch, params, generator, use_cache, progress, score_temperature)
+        _decode(stage, batch, params, generator, use_cache, progress, score_temperature, align_prompts)
     finally:
         gpt.train(was_training)
     if torch.cuda.is_available():
@@ -251,12 +253,12 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
 
 
 def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator, use_cache: bool,
-            progress: bool, score_temperature: float | None = None) -> None:
+            progress: bool, score_temperature: float | None = None, align_prompts: bool | None = None) -> None:
     """score_temperature: not None → score every sampled token at it (return_logprobs)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     continuous = bool(batch.waiting)
-    aligned = _aligning_pays(stage, batch)
+    aligned = _aligning(stage, batch, align_prompts)
     lens, limits = batch.lens[batch.active], (batch.ends - batch.lens)[batch.active]
     if continuous:
         total = continuous_cache_length(batch)
@@ -299,16 +301,20 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     bar.close()
 
 
-def _aligning_pays(stage: StageRunner, batch: _Batch) -> bool:
+def _aligning(stage: StageRunner, batch: _Batch, requested: bool | None) -> bool:
     """Right-align ragged prompts (one prefill, then a padding mask at every decode step) rather
     than feed each longer prompt's extra tokens through batched single-token steps? Only where
-    the attention honours a mask while decoding (TE's ignores it), and only when the prompt
-    spread is worth a mask: a masked decode step costs ~5 % more at the quickstart shape, so
-    `spread` saved steps pay for it when they exceed ~1/16 of the decode steps."""
+    the attention honours a mask while decoding (TE's ignores it). By default (`requested`
+    None) only when the spread is worth it: every decode step then attends over `spread` more
+    slots, with a mask, so the saved steps must be a real share of the decode steps."""
     lens = batch.lens[batch.active]
     spread = int(lens.max() - lens.min())
+    if spread == 0 or not stage.masks_while_decoding:
+        return False
+    if requested is not None:
+        return requested
     steps = int((batch.ends - batch.lens)[batch.active].max())
-    return spread > 0 and spread * ALIGN_WHEN_SPREAD_OVER >= steps and stage.masks_while_decoding
+    return spread * ALIGN_WHEN_SPREAD_OVER >= steps
 
 
 def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
