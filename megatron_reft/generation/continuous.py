@@ -27,6 +27,9 @@ ADMIT_GROUP = 1 / 8  # refill once this fraction of the slots (or the whole queu
 # Shift as soon as the oldest running row started this many slots in: every decode step attends
 # to (and megatron re-rotates) the cache up to the write slot, so a short prefix is cheaper.
 SHIFT_AT = 16
+# Prompt positions per prefill call (right-aligned prompts, admissions): length-sorted groups
+# trimmed to their longest; large enough that a GPU prefill stays compute-bound.
+PREFILL_TOKENS = 4096
 
 
 def continuous_cache_length(batch) -> int:
@@ -60,16 +63,25 @@ def admit_waiting(stage, batch, slot: int, context) -> None:
 
 
 def _prefill_rows(stage, batch, seqs: list[int], rows: list[int], slot: int, context) -> None:
-    """All but the last prompt token of `seqs`, prefilled from slot 0 of a scratch context
-    (right-padded: causal attention never lets a real token see the padding), copied into cache
-    rows `rows` so that each prompt ends at cache slot `slot - 1`."""
+    """All but the last prompt token of `seqs`, prefilled from slot 0 of scratch contexts, copied
+    into cache rows `rows` so that each prompt ends at cache slot `slot - 1`. The prompts go in
+    length-sorted groups of ≤ PREFILL_TOKENS positions, each right-padded to its own longest
+    (causal attention never lets a real token see the padding): one padded block of every
+    prompt would compute about twice the tokens on real GSM8K lengths, and bounds no memory."""
+    from megatron_reft.data.batching import plan_micro_batches
+
+    counts = [int(batch.lens[s]) - 1 for s in seqs]  # tokens prefilled per prompt
+    for group in plan_micro_batches(counts, len(seqs), token_budget=PREFILL_TOKENS):
+        if counts[group[0]] > 0:  # longest first; one-token prompts: the decode step feeds them
+            _prefill_group(stage, batch, [seqs[i] for i in group], [rows[i] for i in group], slot, context)
+
+
+def _prefill_group(stage, batch, seqs: list[int], rows: list[int], slot: int, context) -> None:
     from megatron.core.inference.contexts import StaticInferenceContext
 
     device = batch.tokens.device
     lens = batch.lens[torch.tensor(seqs, device=device)]
     width = int(lens.max()) - 1
-    if width == 0:
-        return  # one-token prompts: the decode step feeds their only token
     tokens = batch.tokens[torch.tensor(seqs, device=device), :width]
     positions = torch.arange(width, device=device).expand_as(tokens)
     scratch = StaticInferenceContext(len(seqs), width)

@@ -308,8 +308,8 @@ def _aligning(stage: StageRunner, batch: _Batch, requested: bool | None) -> bool
     None) only when the spread is a large share of the response limit: aligned, the prefill
     also computes each short prompt's padding and every decode step attends over its row's
     padding too, with a mask. On a CPU, where a prefill token costs about what a decode row
-    does, the saved steps only save per-step overhead: measured (docs/benchmarks.md) −5..10 %
-    generation time at the quickstart's spread (13 of 59) and +8 % at GSM8K lengths (~165 of
+    does, the saved steps only save per-step overhead: measured (docs/benchmarks.md, "Ragged
+    prompts") on par at the quickstart's spread (13 of 59) and 1.12× at GSM8K lengths (~165 of
     300). With EOS stops responses end before the limit, so this rule errs towards feeding."""
     lens = batch.lens[batch.active]
     spread = int(lens.max() - lens.min())
