@@ -12,17 +12,18 @@ the ones the rollout engine computed while decoding, so `logprobs_policy` is onl
 `--no-rollout-logprobs` runs the policy's log-prob pass instead); `ours_before` is the same code
 with today's settings (megatron's attention, full-width micro-batches in batch order, every
 position scored, entropy in both log-prob passes — with the fused log-prob/entropy kernel both
-share, so it understates the gain); `ours_fed` is ours with ragged prompts fed one token per
-batched decode step (the engine's scheme before right-aligned prompts). Same architecture, weights and prompts; EOS is ignored and
+share, so it understates the gain); `ours_fed` / `ours_aligned` are ours with ragged prompts
+fed one token per batched decode step (the engine's scheme before right-aligned prompts) /
+right-aligned, whatever the default rule picks. Same architecture, weights and prompts; EOS is ignored and
 each response instead ends at a drawn length: `--lengths fixed` gives every row `--new-tokens`,
 `--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths (synthetic
 difficulty 6: what a trained policy emits), scaled so the longest is `--new-tokens`;
 `--prompt-lengths synthetic` likewise draws prompt lengths from its questions (HF left-pads
-them); `gsm8k` draws both from real GSM8K items instead. Each method decodes as it would stop at EOS: ours drops a row when it reaches its length
-(the engine's compaction), HF `generate` keeps computing every row of its static batch until the
-longest is done (the reference's behaviour with EOS and padding); the passes then see realistic
-padding. Interleaved A B C A B C repeats; medians; ratios
-are medians of per-repeat ratios.
+them); `gsm8k` draws both from real GSM8K items instead. Each method decodes as it would stop
+at EOS: ours drops a row when it reaches its length (the engine's compaction), HF `generate`
+keeps computing every row of its static batch until the longest is done (the reference's
+behaviour with EOS and padding); the passes then see realistic padding. Interleaved A B C A B C
+repeats; medians; ratios are medians of per-repeat ratios.
 
     python benchmarks/ppo_step.py [--preset cpu-small|quickstart] [--batch 32] [--new-tokens 64]
     python benchmarks/ppo_step.py --sweep --batches 8,32 --lengths-sweep 32,64   # scaling table
@@ -50,7 +51,7 @@ import generation as genbench  # noqa: E402  (shared helpers: model shapes, HF w
 # The CPU quickstart's model (configs/demo_cpu.yaml) with the synthetic tokenizer's vocabulary.
 QUICKSTART = dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                   ffn_hidden_size=384, vocab_size=384, max_position_embeddings=1024)
-METHODS = ("ours", "ours_fed", "ours_before", "reference_hf")
+METHODS = ("ours", "ours_before", "reference_hf")  # the default; also: ours_fed, ours_aligned
 
 
 def parse_args(argv=None):
@@ -399,9 +400,11 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     prompt_lengths, lengths = drawn_lengths(args, args.seed)
     if prompt_lengths is not None:
         prompts = [p[:n] for p, n in zip(prompts, prompt_lengths)]
-    table = {"ours": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, fast=True),
-             "ours_fed": lambda s: ours_step(*engines["ours"], prompts, lengths, scores, args, s, align_prompts=False),
-             "ours_before": lambda s: ours_step(*engines["ours_before"], prompts, lengths, scores, args, s, fast=False),
+    ours = lambda engine, s, **kw: ours_step(*engines[engine], prompts, lengths, scores, args, s, **kw)
+    table = {"ours": lambda s: ours("ours", s),
+             "ours_fed": lambda s: ours("ours", s, align_prompts=False),
+             "ours_aligned": lambda s: ours("ours", s, align_prompts=True),
+             "ours_before": lambda s: ours("ours_before", s, fast=False),
              "reference_hf": lambda s: reference_step(*hf_parts, prompts, lengths, scores, args, s)}
     runs = {name: table[name] for name in methods}
     for fn in runs.values():  # warm-up

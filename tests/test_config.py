@@ -287,6 +287,7 @@ def test_model_needs_a_source():
     ("optim.schedule=cosine", "optim.schedule"),
     ("model.dtype=fp8", "model.dtype"),
     ("model.use_te=maybe", "model.use_te"),
+    ("ppo.align_prompts=sometimes", "ppo.align_prompts"),
     ("data.max_prompt_length=192", "data.max_prompt_length"),
     ("optim.warmup_fraction=1.0", "optim.warmup_fraction"),
     ("ppo.temperature=-1", "ppo.temperature"),

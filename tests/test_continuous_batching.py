@@ -182,6 +182,42 @@ def test_ppo_step_with_continuous_batching(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
+def _align_worker(rank, world, out_dir):
+    """One greedy PPO step per ppo.align_prompts setting: the same rollouts, decode utilisation
+    in the metrics."""
+    import json
+    from pathlib import Path
+
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed.init import shutdown
+    from megatron_reft.rl.trainer import PPOTrainer
+
+    torch.set_num_threads(1)
+    repo = Path(__file__).resolve().parents[1]
+    out = {}
+    for align in ("true", "false"):
+        config = load_config(str(repo / "configs" / "tiny_cpu.yaml"), [
+            f"trainer.output_dir={out_dir}/{align}", "trainer.max_steps=1", "trainer.eval_interval=1000",
+            "trainer.progress_bar=false", "trainer.tensorboard=false", "data.synthetic_train_items=16",
+            "data.synthetic_eval_items=4", "ppo.rollout_batch_size=6", "trainer.micro_batch_size=2",
+            "data.max_total_length=48", "ppo.temperature=0", f"ppo.align_prompts={align}"])
+        trainer = PPOTrainer(config)
+        trainer.train()
+        spread = max(map(len, trainer.prompts)) - min(map(len, trainer.prompts))
+        shutdown()
+        metrics = json.loads((Path(out_dir) / align / "metrics.jsonl").read_text().splitlines()[0])
+        out[align] = (trainer.last_rollout[1], metrics["decode_utilisation"], spread)
+    return out
+
+
+def test_ppo_align_prompts_keeps_greedy_rollouts_and_raises_decode_utilisation(tmp_path):
+    r = run_distributed(_align_worker, 1, str(tmp_path), init_process_group=False, timeout_s=300)[0]
+    (aligned_texts, aligned_use, spread), (fed_texts, fed_use, _) = r["true"], r["false"]
+    assert spread > 0  # ragged prompts: the two schemes differ
+    assert aligned_texts == fed_texts
+    assert 0 < fed_use < aligned_use <= 1
+
+
 def _refused_worker(rank, world, out_dir):
     from pathlib import Path
 

@@ -140,6 +140,7 @@ class PPOSection:
     logprob_chunk_tokens: int = 4096  # tokens per fp32 vocab-parallel logits chunk
     generation_micro_batch: Optional[int] = None  # prompts decoded together; None: all of this rank's
     continuous_batching: bool = False  # with generation_micro_batch: one queue, finished rows refilled
+    align_prompts: str = "auto"  # ragged prompts right-aligned (true) or fed a token per step (false); auto: by spread
     old_logprobs_from_rollout: bool = False  # old log-probs/entropy/values from the rollout, no policy pass
 
 

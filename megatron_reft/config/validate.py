@@ -20,6 +20,7 @@ CHOICES = {
     "model.use_te": ("auto", "true", "false"),
     "model.attention": ("sdpa", "megatron"),
     "critic.mode": ("shared", "separate"),
+    "ppo.align_prompts": ("auto", "true", "false"),
 }
 
 

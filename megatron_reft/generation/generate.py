@@ -305,12 +305,12 @@ def _aligning(stage: StageRunner, batch: _Batch, requested: bool | None) -> bool
     """Right-align ragged prompts (one prefill, then a padding mask at every decode step) rather
     than feed each longer prompt's extra tokens through batched single-token steps? Only where
     the attention honours a mask while decoding (TE's ignores it). By default (`requested`
-    None) only when the spread is a large share of the response limit: aligned, the prefill
-    also computes each short prompt's padding and every decode step attends over its row's
-    padding too, with a mask. On a CPU, where a prefill token costs about what a decode row
-    does, the saved steps only save per-step overhead: measured (docs/benchmarks.md, "Ragged
-    prompts") on par at the quickstart's spread (13 of 59) and 1.12× at GSM8K lengths (~165 of
-    300). With EOS stops responses end before the limit, so this rule errs towards feeding."""
+    None) only when the spread is a large share of the response limit: aligned, every decode
+    step attends over its row's padding too, with a mask. On a CPU, where a prefill token costs
+    about what a decode row does, the saved steps only save per-step overhead — measured
+    (docs/benchmarks.md, "Per phase, fifth round"): on par at the quickstart's spread (13 of
+    59), 1.13× at GSM8K lengths (~155 of 300). With EOS stops, responses end before the limit,
+    so this rule errs towards feeding."""
     lens = batch.lens[batch.active]
     spread = int(lens.max() - lens.min())
     if spread == 0 or not stage.masks_while_decoding:

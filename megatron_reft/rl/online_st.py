@@ -19,7 +19,7 @@ from megatron_reft.checkpoint.io import load_checkpoint
 from megatron_reft.evaluation.run import make_scorer
 from megatron_reft.rl.rollout import build_rollout_batch, micro_batches
 from megatron_reft.rl.self_training import correct_sample_mask, online_self_training_loss
-from megatron_reft.rl.trainer import PPOTrainer, reduce_stats
+from megatron_reft.rl.trainer import PPOTrainer, check_rollout_engine, reduce_stats
 from megatron_reft.engines import build_engine
 
 
@@ -90,6 +90,7 @@ class OnlineSTTrainer(PPOTrainer):
         self.model_cfg = runtime.model_config_for(config, self.data)
         runtime.write_run_config(config, self.model_cfg, job="ppo")
         self.policy = build_engine(config, self.model_cfg, optim=True, value_head=False)
+        check_rollout_engine(config, self.policy)
         self.critic = None  # reft.md §6: no value head
         self.scorer = make_scorer(config)
         self._prepare_prompts()

@@ -101,10 +101,7 @@ class PPOTrainer:
         runtime.write_run_config(config, self.model_cfg, job="ppo")
         shared = config.critic.mode == "shared"
         self.policy = build_engine(config, self.model_cfg, optim=True, value_head=shared)
-        if config.ppo.continuous_batching and not masks_while_decoding(self.policy.gpt):
-            raise ConfigError("ppo.continuous_batching: needs an attention that applies a padding mask while "
-                              "decoding, which Transformer Engine's does not: set model.use_te=false (the local "
-                              "layer spec) or ppo.continuous_batching=false")
+        check_rollout_engine(config, self.policy)
         self.reference = build_engine(config, self.model_cfg, optim=False)
         self.critic = build_critic(config, self.model_cfg, self.policy)  # critic.mode (issue 12)
         self.scorer = make_scorer(config)
@@ -170,16 +167,22 @@ class PPOTrainer:
         chunk = p.generation_micro_batch or len(prompts)
         eos = self.data.tokenizer.eos_id
         scored = p.old_logprobs_from_rollout and self.critic is not None  # online-ST reads no log-probs
+        align = {"auto": None, "true": True, "false": False}[p.align_prompts.lower()]
         with timer("generation"):
             self.policy.module.eval()
             if p.continuous_batching and chunk < len(prompts):  # one queue through `chunk` slots
-                outs = [generate(self.policy, prompts, eos, params, seed=seed, slots=chunk, return_logprobs=scored)]
+                outs = [generate(self.policy, prompts, eos, params, seed=seed, slots=chunk, return_logprobs=scored,
+                                 align_prompts=align)]
             else:
                 outs = [generate(self.policy, prompts[start:start + chunk], eos, params, seed=seed + 7919 * start,
-                                 return_logprobs=scored)
+                                 return_logprobs=scored, align_prompts=align)
                         for start in range(0, len(prompts), chunk)]
         responses = [toks for out in outs for toks in out.tokens]
         finished = [done for out in outs for done in out.finished]
+        # share of the decode rows computed that produced a response token (the rest fed prompt
+        # tokens or idled until compaction / admission): GenerationOutput.decode_utilisation
+        row_steps = sum(out.decode_row_steps for out in outs)
+        self.decode_utilisation = sum(out.num_generated_tokens for out in outs) / row_steps if row_steps else 0.0
         texts = [response_text(self.data.tokenizer, r, toks, d.cot_type, prompt)
                  for r, toks, prompt in zip(records, responses, prompts)]
         scores_future = self.scorer.score_async(texts, [r.answer for r in records],
@@ -285,6 +288,7 @@ class PPOTrainer:
                    "lr": self.config.optim.lr, "step_time": seconds,
                    "tokens_per_s": generated / seconds if seconds else 0.0}
         metrics.update({k: v for k, v in update.items() if k.startswith("padding_fraction")})
+        metrics["decode_utilisation"] = self.decode_utilisation  # this rank's rollout
         # a separate critic's phase timers, its wait and overlap figures (issue 12)
         metrics.update({k: v for k, v in update.items() if k.startswith("critic_")})
         metrics.update(timer.as_metrics())
@@ -364,6 +368,14 @@ class PPOTrainer:
         if self.critic is not None:  # (online-st has none)
             self.critic.close()  # a critic on its own ranks stops serving
         return metrics
+
+
+def check_rollout_engine(config, policy) -> None:
+    """Settings the policy's layer spec cannot run, refused before any step."""
+    if config.ppo.continuous_batching and not masks_while_decoding(policy.gpt):
+        raise ConfigError("ppo.continuous_batching: needs an attention that applies a padding mask while "
+                          "decoding, which Transformer Engine's does not: set model.use_te=false (the local "
+                          "layer spec) or ppo.continuous_batching=false")
 
 
 def _rollout_scores(outs: list) -> dict:
