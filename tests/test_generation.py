@@ -401,6 +401,58 @@ def test_inverse_transform_sampling_never_picks_zero_probability_tokens():
     assert torch.equal(draws, again)
 
 
+def _flat_inverse_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The textbook sampler: the first token whose float64 cumulative weight exceeds u × total."""
+    cdf = weights.double().cumsum(dim=-1)
+    u = torch.rand((weights.shape[0], 1), generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def test_two_level_sampler_draws_what_the_flat_inverse_cdf_draws():
+    # A 32k vocabulary takes the blocked path (its length not a multiple of the block); a peaked,
+    # a flat and a sparse row (mass only in the last, padded block and in one middle token).
+    vocab = 32016
+    weights = torch.randn(3, vocab, generator=torch.Generator().manual_seed(1)).mul(4).softmax(-1)
+    weights[1] = 1.0
+    weights[2] = 0.0
+    weights[2, [7, vocab - 1]] = torch.tensor([1e-3, 1.0])
+    for seed in range(50):
+        ours = sample_from(weights, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, _flat_inverse_cdf(weights, torch.Generator().manual_seed(seed)))
+        assert bool((weights.gather(1, ours[:, None]) > 0).all())
+
+
+def test_two_level_sampler_never_draws_zero_weight_and_keeps_the_frequencies():
+    g = torch.Generator().manual_seed(0)
+    weights = torch.zeros(4000, 5000)
+    weights[:, [0, 255, 256, 4999]] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # block edges
+    draws = sample_from(weights, g)
+    freq = torch.bincount(draws, minlength=5000)[[0, 255, 256, 4999]].float() / 4000
+    assert int(torch.bincount(draws, minlength=5000).sum()) == 4000
+    assert set(draws.tolist()) <= {0, 255, 256, 4999}
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.025, rtol=0)
+    # u at its largest (the clamp below the total) and weights that are not normalised
+    tail = torch.zeros(2, 3000)
+    tail[:, 2999] = 1e-20
+    tail[:, 1] = 5.0
+    assert set(sample_from(tail, g).tolist()) <= {1, 2999}
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7),
+                                    SamplingParams(top_k=5), SamplingParams(top_p=0.5), SamplingParams(greedy=True)])
+@pytest.mark.parametrize("vocab", [384, 32016])
+def test_sample_and_score_draws_next_tokens_and_scores_the_full_distribution(params, vocab):
+    from megatron_reft.generation.sampling import sample_and_score
+
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2)) * 3
+    logits[5] = 0.0  # a row that only feeds its prompt: the engine hands it zero logits
+    tokens, lp, ent = sample_and_score(logits.clone(), params, torch.Generator().manual_seed(3), 0.7)
+    assert torch.equal(tokens, next_tokens(logits.clone(), params, torch.Generator().manual_seed(3)))
+    logp = torch.log_softmax(logits.double() / 0.7, dim=-1)  # scored at 0.7 whatever was sampled
+    torch.testing.assert_close(lp.double(), logp.gather(1, tokens[:, None])[:, 0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1), atol=2e-6, rtol=0)
+
+
 def test_response_limits_and_prompt_checks():
     params = SamplingParams(max_new_tokens=400, max_total_length=700, max_prompt_length=300)
     assert response_limits([[1] * 10, [1] * 300], params) == [400, 400]

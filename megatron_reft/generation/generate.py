@@ -279,11 +279,12 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     while True:
         batch.row_steps += batch.n
         batch.slot_steps += batch.width
-        sampled = next_tokens(logits, params, generator) if stage.is_sampler else None
         if score_temperature is None:
+            sampled = next_tokens(logits, params, generator) if stage.is_sampler else None
             batch.accept(stage.share(sampled, batch.n), slot)
         else:
-            scores = stage.token_scores(logits, sampled, score_temperature) if stage.is_sampler else None
+            sampled, scores = (stage.sample_scored(logits, params, generator, score_temperature)
+                               if stage.is_sampler else (None, None))
             sampled, scores = stage.share_scored(sampled, scores, batch.n)
             batch.accept(sampled, slot, scores)
         slot += 1

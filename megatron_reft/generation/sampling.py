@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from megatron_reft.models.vocab_parallel import full_vocab_logprobs_and_entropy
 
@@ -85,20 +86,58 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams,
     """logits [b, V] (fp32, true vocabulary only) → token ids [b] (int64)."""
     if params.is_greedy:
         return logits.argmax(dim=-1)
+    return sample_from(_sampling_probs(logits, params), generator)
+
+
+def _sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
-    return sample_from(logits.softmax(dim=-1), generator)
+    return logits.softmax(dim=-1)
+
+
+# Inverse transform sampling looks a uniform up in the cumulative distribution. Over a 32k
+# vocabulary a float64 copy and cumulative sum of every row cost a CPU decode step more than
+# the rest of the sampler; two levels — sums of blocks of BLOCK entries, then the cumulative sum
+# of the one block the uniform falls into — read the probabilities once and cumulate only
+# ~V/BLOCK + BLOCK values per row.
+BLOCK = 256
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row by inverse transform sampling: one float64 uniform against the
-    cumulative probabilities. (torch.multinomial draws an exponential per vocabulary entry:
-    ~15x slower on a CPU for a 32k vocabulary, and it dominated a whole decode step.)"""
-    cdf = probs.double().cumsum(dim=-1)
+    """One draw per row from non-negative weights [b, V] (they need not sum to 1), by inverse
+    transform sampling: one float64 uniform per row, and the first token whose cumulative weight
+    exceeds it. (torch.multinomial draws an exponential per vocabulary entry: ~15x slower on a
+    CPU for a 32k vocabulary.) A token of zero weight is never drawn. The draw for a given
+    uniform is the flat float64 cumulative sum's, except where fp32 block sums move a token
+    boundary by rounding (~1e-7 of a block's mass)."""
+    rows, vocab = probs.shape
+    u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=probs.device)
+    if vocab <= 8 * BLOCK:  # small vocabulary: one level is cheaper
+        cdf = probs.double().cumsum(dim=-1)
+        return _first_above(cdf, u * cdf[:, -1:])
+    # Block sums in fp32 (a float64-accumulating reduction is ~20x slower on a CPU); the tail
+    # past the last whole block is one more, shorter block.
+    whole = vocab // BLOCK * BLOCK
+    block_mass = probs[:, :whole].reshape(rows, -1, BLOCK).sum(dim=-1)
+    if whole < vocab:
+        block_mass = torch.cat([block_mass, probs[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
+    block_cdf = block_mass.double().cumsum(dim=-1)
+    u = u * block_cdf[:, -1:]
+    block = _first_above(block_cdf, u)  # [b]; its mass is > 0: the cdf steps over u there
+    mass_before = F.pad(block_cdf, (1, 0))[:, :-1].gather(1, block[:, None])  # ≤ u, so u − it ≥ 0
+    index = block[:, None] * BLOCK + torch.arange(BLOCK, device=probs.device)
+    inner = probs.gather(1, index.clamp(max=vocab - 1)) * (index < vocab)
+    # u − mass_before is below the block's mass up to rounding; `_first_above` keeps it below
+    # the block's own cumulative total.
+    return block * BLOCK + _first_above(inner.double().cumsum(dim=-1), u - mass_before)
+
+
+def _first_above(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first entry of each row of `cdf` (non-decreasing, float64) that exceeds u
+    [b, 1]; u is kept strictly below the row's total, so the index always lands on an entry of
+    non-zero weight."""
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
-    # Strictly below the total, so the search lands on a token with non-zero probability.
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
@@ -109,3 +148,32 @@ def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, tempe
     the training forward computes, by the same code (models/vocab_parallel.py)."""
     scaled = logits / temperature if temperature != 1.0 else logits.clone()  # the sampler still needs logits
     return full_vocab_logprobs_and_entropy(scaled, tokens)
+
+
+def sample_and_score(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                     score_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`next_tokens` plus `token_logprobs_and_entropy` of the drawn tokens at `score_temperature`
+    (the rollout's old log-probs, ppo.old_logprobs_from_rollout). The same draws as `next_tokens`.
+
+    When the sampler draws from the very distribution that is scored (reft.md §4 rollouts:
+    temperature 1, no top-k/top-p) one softmax serves both: with p = softmax(z), z = logits/T
+    shifted by its max, the top token's p is e^0/Σe^z, so log Σe^z = −log max p, and
+    log p(token) = z_token − log Σe^z, H = log Σe^z − Σ p·z: no second full-vocabulary exp
+    (the slowest part of scoring on a CPU)."""
+    shares = (not params.is_greedy and params.temperature == score_temperature
+              and params.top_k == 0 and params.top_p >= 1.0)
+    if not shares:
+        tokens = next_tokens(logits, params, generator)
+        return (tokens, *token_logprobs_and_entropy(logits, tokens, score_temperature))
+    scaled = logits / score_temperature
+    probs = scaled.softmax(dim=-1)  # = _sampling_probs(logits, params) here: the same draws
+    tokens = sample_from(probs, generator)
+    shifted = scaled.sub_(scaled.amax(dim=-1, keepdim=True))
+    # p = e^z / S' with S' the softmax kernel's own sum; Σp (summed again, pairwise) = S / S'
+    # with S the accurate sum: log S = log Σp − log max p, good to ~1e-7 over a 32k vocabulary
+    # where −log max p alone is off by the kernel's summation error (~3e-6).
+    mass = probs.sum(dim=-1)
+    log_sum_exp = mass.log() - probs.amax(dim=-1).log()
+    logprobs = shifted.gather(1, tokens[:, None]).squeeze(1) - log_sum_exp
+    entropy = log_sum_exp - torch.linalg.vecdot(probs, shifted) / mass
+    return tokens, logprobs, entropy

