@@ -115,8 +115,11 @@ class Phases:
         return out
 
 
+COUNTS = ("padding_fraction", "decode_row_steps", "decode_utilisation")  # recorded with the phases, not times
+
+
 def step_total(phases: dict, cpu: bool = False) -> float:
-    return sum(v for k, v in phases.items() if k != "padding_fraction" and k.endswith("_cpu") == cpu)
+    return sum(v for k, v in phases.items() if k not in COUNTS and k.endswith("_cpu") == cpu)
 
 
 def synthetic_lengths(count: int, seed: int) -> tuple[list[int], list[int]]:
@@ -269,6 +272,10 @@ def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True
     for _ in range(2):  # reft.md §4: two PPO updates per rollout batch, full batch each
         ph("update", lambda: policy.train_step(_plan(batch, args, fast), loss_fn))
     ph.seconds["padding_fraction"] = padding_stats(batch, mbs)["padding_fraction"]
+    # The engine's decode accounting (generate.GenerationOutput): rows computed over the decode
+    # steps, and the share of them that produced a response token.
+    ph.seconds["decode_row_steps"] = out.decode_row_steps
+    ph.seconds["decode_utilisation"] = round(out.decode_utilisation, 4)
     return ph.seconds
 
 

@@ -6,6 +6,7 @@ so no job imports another job to get one.
 """
 from __future__ import annotations
 
+from megatron_reft.config.load import auto_true_false
 from megatron_reft.engine import Engine, OptimSettings, resolve_dtype
 
 
@@ -21,9 +22,8 @@ def optim_settings(config, *, lr=None, weight_decay=None, clip_grad=None) -> Opt
 
 def _engine(config, model_cfg, optim: OptimSettings | None, value_head: bool,
             value_only: bool = False) -> Engine:
-    use_te = {"auto": None, "true": True, "false": False}[config.model.use_te.lower()]
-    return Engine(model_cfg, dtype=resolve_dtype(config.model.dtype), use_te=use_te, optim=optim,
-                  recompute=config.model.recompute, with_value_head=value_head,
+    return Engine(model_cfg, dtype=resolve_dtype(config.model.dtype), use_te=auto_true_false(config.model.use_te),
+                  optim=optim, recompute=config.model.recompute, with_value_head=value_head,
                   attention=config.model.attention, logprob_chunk_tokens=config.ppo.logprob_chunk_tokens,
                   value_only=value_only)
 

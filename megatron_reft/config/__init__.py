@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_reft.config.load import ConfigError, load_config, save_config, to_dict
+from megatron_reft.config.load import ConfigError, auto_true_false, load_config, save_config, to_dict
 from megatron_reft.config.schema import Config
 from megatron_reft.config.validate import validate, world_size_from_env
 from megatron_reft.models.families import ModelConfig, model_config_from_preset
@@ -32,5 +32,5 @@ def resolve_model_config(config: Config, vocab_size: int | None = None) -> Model
         raise ConfigError(f"model: incomplete architecture ({err}); set model.preset or model.load") from None
 
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "save_config", "to_dict",
+__all__ = ["Config", "ConfigError", "auto_true_false", "ModelConfig", "load_config", "save_config", "to_dict",
            "validate", "resolve_model_config", "world_size_from_env"]

@@ -118,3 +118,9 @@ def save_config(config: Config, path: str | Path) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_durably(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def auto_true_false(value: str) -> bool | None:
+    """A choice of "auto" | "true" | "false" (validated by config/validate.py) as None | True |
+    False: None leaves the decision to the code that knows the machine or the batch."""
+    return {"auto": None, "true": True, "false": False}[value.lower()]

@@ -258,8 +258,8 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     from megatron.core.inference.contexts import StaticInferenceContext
 
     continuous = bool(batch.waiting)
-    aligned = _aligning(stage, batch, align_prompts)
     lens, limits = batch.lens[batch.active], (batch.ends - batch.lens)[batch.active]
+    aligned = _aligning(stage, lens, limits, align_prompts)
     if continuous:
         total = continuous_cache_length(batch)
     else:  # right-aligned: every prompt ends at the longest prompt's last slot
@@ -302,7 +302,7 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     bar.close()
 
 
-def _aligning(stage: StageRunner, batch: _Batch, requested: bool | None) -> bool:
+def _aligning(stage: StageRunner, lens: torch.Tensor, limits: torch.Tensor, requested: bool | None) -> bool:
     """Right-align ragged prompts (one prefill, then a padding mask at every decode step) rather
     than feed each longer prompt's extra tokens through batched single-token steps? Only where
     the attention honours a mask while decoding (TE's ignores it). By default (`requested`
@@ -311,15 +311,14 @@ def _aligning(stage: StageRunner, batch: _Batch, requested: bool | None) -> bool
     about what a decode row does, the saved steps only save per-step overhead — measured
     (docs/benchmarks.md, "Per phase, fifth round"): on par at the quickstart's spread (13 of
     59), 1.13× at GSM8K lengths (~155 of 300). With EOS stops, responses end before the limit,
-    so this rule errs towards feeding."""
-    lens = batch.lens[batch.active]
+    so this rule errs towards feeding. `lens`, `limits`: the active rows' prompt lengths and
+    response limits."""
     spread = int(lens.max() - lens.min())
     if spread == 0 or not stage.masks_while_decoding:
         return False
     if requested is not None:
         return requested
-    steps = int((batch.ends - batch.lens)[batch.active].max())
-    return spread * ALIGN_WHEN_SPREAD_OVER >= steps
+    return spread * ALIGN_WHEN_SPREAD_OVER >= int(limits.max())
 
 
 def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):

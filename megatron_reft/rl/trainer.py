@@ -16,7 +16,7 @@ import torch
 
 from megatron_reft import runtime
 from megatron_reft.checkpoint.io import load_checkpoint, mark_latest, prune_checkpoints, save_checkpoint
-from megatron_reft.config import ConfigError
+from megatron_reft.config import ConfigError, auto_true_false
 from megatron_reft.engines import build_critic, build_engine
 from megatron_reft.evaluation.run import greedy_accuracy, make_scorer, response_text
 from megatron_reft.generation.stages import masks_while_decoding
@@ -167,7 +167,7 @@ class PPOTrainer:
         chunk = p.generation_micro_batch or len(prompts)
         eos = self.data.tokenizer.eos_id
         scored = p.old_logprobs_from_rollout and self.critic is not None  # online-ST reads no log-probs
-        align = {"auto": None, "true": True, "false": False}[p.align_prompts.lower()]
+        align = auto_true_false(p.align_prompts)
         with timer("generation"):
             self.policy.module.eval()
             if p.continuous_batching and chunk < len(prompts):  # one queue through `chunk` slots
