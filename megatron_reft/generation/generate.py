@@ -309,8 +309,8 @@ def _aligning(stage: StageRunner, lens: torch.Tensor, limits: torch.Tensor, requ
     None) only when the spread is a large share of the response limit: aligned, every decode
     step attends over its row's padding too, with a mask. On a CPU, where a prefill token costs
     about what a decode row does, the saved steps only save per-step overhead — measured
-    (docs/benchmarks.md, "Per phase, fifth round"): on par at the quickstart's spread (13 of
-    59), 1.13× at GSM8K lengths (~155 of 300). With EOS stops, responses end before the limit,
+    (docs/benchmarks.md, "Per phase, fifth round"): on par at the benchmark's quickstart shape (spread 16
+    of 59), 1.13× at GSM8K lengths (~155 of 300). With EOS stops, responses end before the limit,
     so this rule errs towards feeding. `lens`, `limits`: the active rows' prompt lengths and
     response limits."""
     spread = int(lens.max() - lens.min())
