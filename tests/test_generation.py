@@ -130,6 +130,7 @@ def _single_process_worker(rank, world_size):
         r["megatron_attention"] = _megatron_attention_runs(family, prompts)
         results[family] = r
     results["padded_vocab"] = _padded_vocab_runs()
+    results["diverged"] = _diverged_runs(_engine("llama"))
     dinit.shutdown()
     return results
 
@@ -217,13 +218,37 @@ def _padded_vocab_runs():
     }
 
 
+def _diverged_runs(engine) -> dict:
+    """A policy whose weights went NaN (the last stage's final norm): each way of decoding must
+    stop with the one-line NonFiniteError on every rank, not draw tokens from garbage."""
+    from megatron_reft.generation import generate
+    from megatron_reft.reliability import NonFiniteError
+
+    norm = getattr(engine.gpt.decoder, "final_layernorm", None)
+    if norm is not None:  # the last pipeline stage
+        with torch.no_grad():
+            norm.weight.fill_(float("nan"))
+    errors = {}
+    for name, params, kwargs in (("sampled", SamplingParams(max_new_tokens=NEW), {"seed": 3}),
+                                 ("greedy", SamplingParams(max_new_tokens=NEW, greedy=True), {}),
+                                 ("scored", SamplingParams(max_new_tokens=NEW), {"seed": 3, "return_logprobs": True})):
+        try:
+            generate(engine, _prompts(), VOCAB - 1, params, **kwargs)
+            errors[name] = None
+        except NonFiniteError as err:
+            errors[name] = str(err)
+    return errors
+
+
 def _parallel_worker(rank, world_size, tp, pp, family):
     from megatron.core import parallel_state as ps
     from megatron_reft.distributed import init as dinit
 
     torch.set_num_threads(1)
     dinit.initialize(tp, pp, seed=1)
-    result = _generate_suite(_engine(family))
+    engine = _engine(family)
+    result = _generate_suite(engine)
+    result["diverged"] = _diverged_runs(engine)
     result["tp_rank"] = ps.get_tensor_model_parallel_rank()
     result["pp_rank"] = ps.get_pipeline_model_parallel_rank()
     dinit.shutdown()
@@ -342,6 +367,12 @@ def test_padded_vocabulary_is_never_sampled(single):
         assert all(0 <= t < VOCAB for seq in r[key] for t in seq)
 
 
+def test_a_diverged_policy_stops_generation_with_a_clear_error(single):
+    for name, message in single["diverged"].items():
+        assert message is not None, f"{name}: generated from NaN logits"
+        assert "not finite" in message and "position" in message, message
+
+
 def test_engine_training_mode_is_restored(single):
     assert single["llama"]["training_flag_kept"] is True
 
@@ -362,6 +393,9 @@ def test_parallel_generation_matches_single_process_and_agrees_across_ranks(sing
         assert r["limited"] == r["limited_no_cache"] == _limited_expectation(reference["naive"])
         assert r["limited_compactions"] >= 1
         assert all(t < VOCAB for seq in r["sampled"] for t in seq)
+        # NaN weights on the last stage only: every rank (including the first stage's, which
+        # never sees a logit) stops with the error, none waits forever on the next step
+        assert all(message and "not finite" in message for message in r["diverged"].values()), r["diverged"]
 
 
 # ---------------------------------------------------------------- pure functions
@@ -451,6 +485,21 @@ def test_sample_and_score_draws_next_tokens_and_scores_the_full_distribution(par
     logp = torch.log_softmax(logits.double() / 0.7, dim=-1)  # scored at 0.7 whatever was sampled
     torch.testing.assert_close(lp.double(), logp.gather(1, tokens[:, None])[:, 0], atol=2e-6, rtol=0)
     torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vocab", [384, 32016])
+def test_rows_with_non_finite_logits_draw_no_token_and_the_others_are_unchanged(vocab):
+    from megatron_reft.generation.sampling import NO_TOKEN, sample_and_score
+
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(4)) * 3
+    broken = logits.clone()
+    broken[1, 3], broken[3, vocab - 1] = float("nan"), float("inf")
+    for params in (SamplingParams(), SamplingParams(greedy=True), SamplingParams(top_p=0.9)):
+        clean = next_tokens(logits.clone(), params, torch.Generator().manual_seed(0))
+        for tokens in (next_tokens(broken.clone(), params, torch.Generator().manual_seed(0)),
+                       sample_and_score(broken.clone(), params, torch.Generator().manual_seed(0), 1.0)[0]):
+            assert tokens[[1, 3]].tolist() == [NO_TOKEN, NO_TOKEN]
+            assert torch.equal(tokens[[0, 2, 4]], clean[[0, 2, 4]])
 
 
 def test_response_limits_and_prompt_checks():

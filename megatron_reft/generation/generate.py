@@ -38,8 +38,9 @@ import torch.distributed as dist
 
 from megatron_reft.generation.continuous import (admit_waiting, continuous_cache_length, right_align_prompts,
                                                  shift_cache)
-from megatron_reft.generation.sampling import SamplingParams, next_tokens
+from megatron_reft.generation.sampling import NO_TOKEN, SamplingParams, next_tokens
 from megatron_reft.generation.stages import SCORES, StageRunner
+from megatron_reft.reliability.errors import NonFiniteError
 
 COMPACT_WHEN_ACTIVE_BELOW = 0.75  # fraction of the current batch still generating
 ALIGN_WHEN_SPREAD_OVER = 4  # right-align prompts when their length spread ≥ 1/4 of the decode steps
@@ -155,6 +156,10 @@ class _Batch:
         rows, local = self.active, self.local(slot)
         writing = self.choosing(slot)
         rows, tok, local = rows[writing], sampled[writing], local[writing]
+        if bool((tok == NO_TOKEN).any()):
+            raise NonFiniteError(f"generation: the policy's next-token logits are not finite (NaN or inf) for "
+                                 f"{int((tok == NO_TOKEN).sum())} of {len(tok)} sequences at position {slot}: "
+                                 "its weights or activations diverged")
         self.tokens[rows, local] = tok
         if scores is not None:
             self.scores[rows, local] = scores[writing]

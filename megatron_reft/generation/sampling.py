@@ -81,11 +81,17 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+# Drawn for a row whose logits are not finite (a diverged model): never a real token, so the
+# engine raises on every rank after the broadcast instead of decoding from garbage.
+NO_TOKEN = -1
+
+
 def next_tokens(logits: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [b, V] (fp32, true vocabulary only) → token ids [b] (int64)."""
-    if params.is_greedy:
-        return logits.argmax(dim=-1)
+    """logits [b, V] (fp32, true vocabulary only) → token ids [b] (int64); NO_TOKEN for a row
+    with a NaN or infinite logit."""
+    if params.is_greedy:  # argmax would pick a NaN's index
+        return logits.argmax(dim=-1).masked_fill(~torch.isfinite(logits).all(dim=-1), NO_TOKEN)
     return sample_from(_sampling_probs(logits, params), generator)
 
 
@@ -108,14 +114,16 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     """One draw per row from non-negative weights [b, V] (they need not sum to 1), by inverse
     transform sampling: one float64 uniform per row, and the first token whose cumulative weight
     exceeds it. (torch.multinomial draws an exponential per vocabulary entry: ~15x slower on a
-    CPU for a 32k vocabulary.) A token of zero weight is never drawn. The draw for a given
-    uniform is the flat float64 cumulative sum's, except where fp32 block sums move a token
-    boundary by rounding (~1e-7 of a block's mass)."""
+    CPU for a 32k vocabulary.) A token of zero weight is never drawn; a row whose total weight
+    is not a positive finite number draws NO_TOKEN. The draw for a given uniform is the flat
+    float64 cumulative sum's, except where fp32 block sums move a token boundary by rounding
+    (~1e-7 of a block's mass)."""
     rows, vocab = probs.shape
     u = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=probs.device)
     if vocab <= 8 * BLOCK:  # small vocabulary: one level is cheaper
         cdf = probs.double().cumsum(dim=-1)
-        return _first_above(cdf, u * cdf[:, -1:])
+        broken = _unusable(cdf)
+        return _first_above(cdf, u * cdf[:, -1:]).clamp(max=vocab - 1).masked_fill(broken, NO_TOKEN)
     # Block sums in fp32 (a float64-accumulating reduction is ~20x slower on a CPU); the tail
     # past the last whole block is one more, shorter block.
     whole = vocab // BLOCK * BLOCK
@@ -123,6 +131,9 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     if whole < vocab:
         block_mass = torch.cat([block_mass, probs[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
     block_cdf = block_mass.double().cumsum(dim=-1)
+    broken = _unusable(block_cdf)  # any cdf will do for those rows (their draw is replaced)
+    placeholder = torch.arange(1, block_cdf.shape[1] + 1, dtype=block_cdf.dtype, device=block_cdf.device)
+    block_cdf = torch.where(broken[:, None], placeholder, block_cdf)
     u = u * block_cdf[:, -1:]
     block = _first_above(block_cdf, u)  # [b]; its mass is > 0: the cdf steps over u there
     mass_before = F.pad(block_cdf, (1, 0))[:, :-1].gather(1, block[:, None])  # ≤ u, so u − it ≥ 0
@@ -130,7 +141,14 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     inner = probs.gather(1, index.clamp(max=vocab - 1)) * (index < vocab)
     # u − mass_before is below the block's mass up to rounding; `_first_above` keeps it below
     # the block's own cumulative total.
-    return block * BLOCK + _first_above(inner.double().cumsum(dim=-1), u - mass_before)
+    tokens = block * BLOCK + _first_above(inner.double().cumsum(dim=-1), u - mass_before)
+    return tokens.clamp(max=vocab - 1).masked_fill(broken, NO_TOKEN)
+
+
+def _unusable(cdf: torch.Tensor) -> torch.Tensor:
+    """Rows [b] whose total weight is NaN, infinite or not positive."""
+    total = cdf[:, -1]
+    return ~(torch.isfinite(total) & (total > 0))
 
 
 def _first_above(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -164,7 +182,7 @@ def sample_and_score(logits: torch.Tensor, params: SamplingParams, generator: to
               and params.top_k == 0 and params.top_p >= 1.0)
     if not shares:
         tokens = next_tokens(logits, params, generator)
-        return (tokens, *token_logprobs_and_entropy(logits, tokens, score_temperature))
+        return (tokens, *token_logprobs_and_entropy(logits, tokens.clamp(min=0), score_temperature))
     scaled = logits / score_temperature
     probs = scaled.softmax(dim=-1)  # = _sampling_probs(logits, params) here: the same draws
     tokens = sample_from(probs, generator)
@@ -174,6 +192,6 @@ def sample_and_score(logits: torch.Tensor, params: SamplingParams, generator: to
     # where −log max p alone is off by the kernel's summation error (~3e-6).
     mass = probs.sum(dim=-1)
     log_sum_exp = mass.log() - probs.amax(dim=-1).log()
-    logprobs = shifted.gather(1, tokens[:, None]).squeeze(1) - log_sum_exp
+    logprobs = shifted.gather(1, tokens.clamp(min=0)[:, None]).squeeze(1) - log_sum_exp  # NO_TOKEN: any
     entropy = log_sum_exp - torch.linalg.vecdot(probs, shifted) / mass
     return tokens, logprobs, entropy
