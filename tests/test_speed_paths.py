@@ -6,7 +6,8 @@
   decoding logits and greedy tokens;
 - length-sorted, token-budget micro-batches trimmed to their own longest row against today's
   full-width micro-batches in batch order: same PPO loss statistics and gradients;
-- the micro-batch plan never exceeds its token budget and covers every row once.
+- the micro-batch plan never exceeds its token budget and covers every row once;
+- torch's fused Adam kernel on CPU (engine.fuse_cpu_adam) against the per-tensor loop.
 
 at TP{1,2} × PP{1,2} (one spawned job per layout; tiny llama with GQA, vocabulary 200). With
 PP = 2 the token-budget plan has several shapes, so the engine runs several pipeline schedule
@@ -293,3 +294,52 @@ def test_sdpa_module_matches_megatron_attention_on_every_mask_kind():
     assert len(diffs) == 8
     for case, diff in diffs.items():
         assert diff < TOL, case
+
+
+# ------------------------------------------------------------------ fused Adam on CPU
+def _fused_adam_worker(rank, world):
+    """Two engines from the same weights, one with torch's fused Adam kernel (the engine's
+    default on CPU), one with the per-tensor loop megatron-core would use; three SFT-style
+    steps each, plain and with the distributed optimizer."""
+    torch.set_num_threads(1)
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engine import Engine, OptimSettings
+    from megatron_reft.models.families import model_config_from_preset
+
+    initialize(1, 1, seed=0)
+    model = model_config_from_preset("tiny-llama", vocab_size=200)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 200, (4, 12), generator=g)
+    mb = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(4, 12)}
+
+    def loss_fn(mb, out):
+        return -(out["logprobs"] * mb["loss_mask"]).sum(), int(mb["loss_mask"].sum()), {}
+
+    result = {}
+    for distributed in (False, True):
+        params, flags = [], []
+        for fused in (True, False):
+            engine = Engine(model, optim=OptimSettings(lr=1e-2, use_distributed_optimizer=distributed))
+            engine.init_from_scratch(3)
+            inner = [o.optimizer for o in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])]
+            flags.append([group["fused"] for o in inner for group in o.param_groups])
+            if not fused:
+                for o in inner:
+                    for group in o.param_groups:
+                        group["fused"] = None
+            start = torch.cat([p.detach().flatten() for p in engine.gpt.parameters()])
+            for _ in range(3):
+                engine.train_step([dict(mb)], loss_fn)
+            params.append(torch.cat([p.detach().flatten() for p in engine.gpt.parameters()]))
+        result[distributed] = {"flags": flags[0], "diff": (params[0] - params[1]).abs().max().item(),
+                               "moved": (params[0] - start).abs().max().item()}
+    shutdown()
+    return result
+
+
+def test_fused_cpu_adam_is_on_and_updates_as_the_per_tensor_loop():
+    result = run_distributed(_fused_adam_worker, 1, init_process_group=False, timeout_s=180)[0]
+    for distributed, r in result.items():
+        assert r["flags"] and all(flag is True for flag in r["flags"]), (distributed, r["flags"])
+        assert r["moved"] > 1e-2, (distributed, r["moved"])  # lr 1e-2, three steps: the weights moved
+        assert r["diff"] < 1e-6, (distributed, r["diff"])
