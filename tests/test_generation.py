@@ -462,7 +462,6 @@ def test_two_level_sampler_never_draws_zero_weight_and_keeps_the_frequencies():
     weights[:, [0, 255, 256, 4999]] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # block edges
     draws = sample_from(weights, g)
     freq = torch.bincount(draws, minlength=5000)[[0, 255, 256, 4999]].float() / 4000
-    assert int(torch.bincount(draws, minlength=5000).sum()) == 4000
     assert set(draws.tolist()) <= {0, 255, 256, 4999}
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.025, rtol=0)
     # u at its largest (the clamp below the total) and weights that are not normalised

@@ -156,9 +156,10 @@ class _Batch:
         rows, local = self.active, self.local(slot)
         writing = self.choosing(slot)
         rows, tok, local = rows[writing], sampled[writing], local[writing]
-        if bool((tok == NO_TOKEN).any()):
+        diverged = int((tok == NO_TOKEN).sum())
+        if diverged:
             raise NonFiniteError(f"generation: the policy's next-token logits are not finite (NaN or inf) for "
-                                 f"{int((tok == NO_TOKEN).sum())} of {len(tok)} sequences at position {slot}: "
+                                 f"{diverged} of {len(tok)} sequences at position {slot}: "
                                  "its weights or activations diverged")
         self.tokens[rows, local] = tok
         if scores is not None:

@@ -123,7 +123,7 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     if vocab <= 8 * BLOCK:  # small vocabulary: one level is cheaper
         cdf = probs.double().cumsum(dim=-1)
         broken = _unusable(cdf)
-        return _first_above(cdf, u * cdf[:, -1:]).clamp(max=vocab - 1).masked_fill(broken, NO_TOKEN)
+        return _first_above(cdf, u * cdf[:, -1:]).masked_fill(broken, NO_TOKEN)
     # Block sums in fp32 (a float64-accumulating reduction is ~20x slower on a CPU); the tail
     # past the last whole block is one more, shorter block.
     whole = vocab // BLOCK * BLOCK
@@ -142,7 +142,7 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     # u − mass_before is below the block's mass up to rounding; `_first_above` keeps it below
     # the block's own cumulative total.
     tokens = block * BLOCK + _first_above(inner.double().cumsum(dim=-1), u - mass_before)
-    return tokens.clamp(max=vocab - 1).masked_fill(broken, NO_TOKEN)
+    return tokens.masked_fill(broken, NO_TOKEN)
 
 
 def _unusable(cdf: torch.Tensor) -> torch.Tensor:

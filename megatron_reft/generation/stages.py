@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_reft.generation.sampling import sample_and_score
 
-SCORES = 3  # per sampled token: log-prob, entropy, value (StageRunner.token_scores)
+SCORES = 3  # per sampled token: log-prob, entropy, value (StageRunner.sample_scored)
 
 
 class StageRunner:
