@@ -7,7 +7,9 @@
 - length-sorted, token-budget micro-batches trimmed to their own longest row against today's
   full-width micro-batches in batch order: same PPO loss statistics and gradients;
 - the micro-batch plan never exceeds its token budget and covers every row once;
-- torch's fused Adam kernel on CPU (engine.fuse_cpu_adam) against the per-tensor loop.
+- torch's fused Adam kernel on CPU (engine.fuse_cpu_adam) against the per-tensor loop;
+- oneDNN's output-layer matmul on CPU (models/output_projection.py) against megatron's layer:
+  log-probs, PPO loss and gradients (untied and tied output weights), cached decoding.
 
 at TP{1,2} × PP{1,2} (one spawned job per layout; tiny llama with GQA, vocabulary 200). With
 PP = 2 the token-budget plan has several shapes, so the engine runs several pipeline schedule
@@ -343,3 +345,106 @@ def test_fused_cpu_adam_is_on_and_updates_as_the_per_tensor_loop():
         assert r["flags"] and all(flag is True for flag in r["flags"]), (distributed, r["flags"])
         assert r["moved"] > 1e-2, (distributed, r["moved"])  # lr 1e-2, three steps: the weights moved
         assert r["diff"] < 1e-6, (distributed, r["diff"])
+
+
+# ------------------------------------------------------------------ oneDNN output layer on CPU
+def test_output_projection_takes_onednn_only_where_it_pays_and_matches_megatron_layer():
+    """A real ColumnParallelLinear with a vocabulary-sized weight (16,384 × 128: above the
+    threshold): vocab_logits gives its logits and its gradients for hidden and weight; a
+    384 × 128 weight (the quickstart's) and bf16 keep megatron's layer."""
+    run_distributed(_projection_worker, 1, init_process_group=False, timeout_s=120)
+
+
+def _projection_worker(rank, world):
+    torch.set_num_threads(1)
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.models import output_projection as op
+
+    initialize(1, 1, seed=0)
+    assert op.onednn_available(), "this x86 PyTorch build ships oneDNN's fp32 linear"
+    config = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4, use_cpu_initialization=True)
+    for vocab, takes in ((16384, True), (384, False)):
+        layer = ColumnParallelLinear(128, vocab, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                     gather_output=False)
+        hidden = torch.randn(37, 2, 128, requires_grad=True)
+        assert op._takes_onednn(layer, hidden, layer.weight) is takes
+        assert not op._takes_onednn(layer, hidden.bfloat16(), layer.weight.bfloat16())
+        ours = op.vocab_logits(layer, hidden, None)
+        theirs = layer(hidden)[0]
+        assert ours.shape == theirs.shape == (37, 2, vocab)
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        upstream = torch.randn_like(theirs)
+        ours_grads = torch.autograd.grad(ours, (hidden, layer.weight), upstream)
+        theirs_grads = torch.autograd.grad(theirs, (hidden, layer.weight), upstream)
+        for a, b in zip(ours_grads, theirs_grads):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        with torch.no_grad():  # the log-prob passes' and decoding's path
+            assert torch.equal(op.vocab_logits(layer, hidden, None), ours.detach())
+    shutdown()
+
+
+def _onednn_engine_worker(rank, world, preset):
+    """The same engine with the oneDNN output-layer path forced on (threshold 0) and off:
+    log-probs, entropy, values, the PPO loss and every parameter's accumulated gradient (the
+    DDP hook's main_grad), cached-decoding logits and greedy tokens."""
+    torch.set_num_threads(1)
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engine import Engine, OptimSettings
+    from megatron_reft.generation import SamplingParams, generate
+    from megatron_reft.models import output_projection as op
+    from megatron_reft.models.families import model_config_from_preset
+    from megatron_reft.rl.trainer import ppo_loss_fn, reduce_stats
+
+    initialize(1, 1, seed=5)
+    engine = Engine(model_config_from_preset(preset, vocab_size=200), with_value_head=True,
+                    optim=OptimSettings(lr=1e-3))
+    engine.init_from_scratch(11)
+    calls = {"onednn": 0}
+    kernel = op._onednn_linear
+
+    def counting(hidden, weight):
+        calls["onednn"] += 1
+        return kernel(hidden, weight)
+
+    op._onednn_linear = counting
+    tokens = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(4))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, max_total_length=20)
+    out = {"tied": engine.gpt.share_embeddings_and_output_weights}
+    for name, threshold in (("onednn", 0), ("megatron", 1 << 62)):
+        op.MIN_WEIGHT_ENTRIES = threshold
+        before = calls["onednn"]
+        batch = _rollout()
+        mbs = _full_width(batch, 2)
+        forward = _forward(engine, batch, mbs)
+        _with_advantages(batch, forward)
+        engine.module.train()
+        engine.module.zero_grad_buffer()
+        stats = reduce_stats(engine.forward_backward(_full_width(batch, 2), ppo_loss_fn(load_config(None, []))))
+        grads = {n: p.main_grad.detach().clone() for n, p in engine.gpt.named_parameters()}
+        out[name] = {"forward": forward, "stats": stats, "grads": grads,
+                     "cached": _cached_logits(engine, tokens, 4),
+                     "greedy": generate(engine, PROMPTS, eos_id=1, params=params).tokens,
+                     "onednn_calls": calls["onednn"] - before}
+    op._onednn_linear = kernel
+    shutdown()
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-opt"])  # untied / tied output weight
+def test_onednn_output_layer_engine_equals_megatron_layer(preset):
+    out = run_distributed(_onednn_engine_worker, 1, preset, init_process_group=False, timeout_s=240)[0]
+    assert out["tied"] is (preset == "tiny-opt")
+    fast, slow = out["onednn"], out["megatron"]
+    assert fast["onednn_calls"] > 0 and slow["onednn_calls"] == 0
+    for key in ("logprobs", "entropy", "values"):
+        assert _diff(fast["forward"][key], slow["forward"][key]) < TOL, key
+    for key, value in slow["stats"].items():
+        assert abs(fast["stats"][key] - value) < TOL * max(1.0, abs(value)), key
+    for name, grad in slow["grads"].items():
+        assert _diff(fast["grads"][name], grad) < TOL, name
+    assert _diff(fast["cached"], slow["cached"]) < TOL
+    assert fast["greedy"] == slow["greedy"]

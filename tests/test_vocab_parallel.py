@@ -35,7 +35,8 @@ class _GarbagePaddingOutputLayer:
     def __init__(self, first_column: int):
         self.first_column = first_column
 
-    def __call__(self, hidden, weight):
+    def __call__(self, hidden, weight, runtime_gather_output=False):
+        assert not runtime_gather_output  # log-probs stay vocab-parallel
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
         logits = copy_to_tensor_model_parallel_region(hidden) @ weight.t()
@@ -54,12 +55,13 @@ def _inputs():
 def _reference(hidden, weight, labels, temperature=1.0):
     """float64 full-vocabulary log-softmax over the TRUE vocabulary only."""
     h = hidden.detach().double().requires_grad_(True)
-    logits = (h @ weight[:TRUE_VOCAB].double().t()) / temperature  # [s, b, V]
+    w = weight.detach().double().requires_grad_(True)
+    logits = (h @ w[:TRUE_VOCAB].t()) / temperature  # [s, b, V]
     logp = torch.log_softmax(logits, dim=-1)
     token = logp.gather(-1, labels.t()[..., None]).squeeze(-1).t()  # [b, s]
     entropy = -(logp.exp() * logp).sum(-1).t()
-    (grad,) = torch.autograd.grad(token.sum(), h)
-    return token.detach(), entropy.detach(), grad
+    grad, weight_grad = torch.autograd.grad(token.sum(), (h, w))  # padded rows: 0
+    return token.detach(), entropy.detach(), (grad, weight_grad)
 
 
 def _worker(rank, world_size):
@@ -75,13 +77,15 @@ def _worker(rank, world_size):
     tp_rank = ps.get_tensor_model_parallel_rank()
     local_weight = weight[tp_rank * local_rows:(tp_rank + 1) * local_rows]
     layer = _GarbagePaddingOutputLayer(tp_rank * local_rows)
-    ref_lp, ref_ent, ref_grad = _reference(hidden, weight, labels)
+    ref_lp, ref_ent, (ref_grad, ref_weight_grad) = _reference(hidden, weight, labels)
+    ref_weight_grad = ref_weight_grad[tp_rank * local_rows:(tp_rank + 1) * local_rows].float()
 
     def compute(chunk_tokens, grad: bool, temperature=1.0):
         h = hidden.clone().requires_grad_(grad)
-        lp, ent = token_logprobs_and_entropy(h, labels, layer, local_weight, TRUE_VOCAB,
+        w = local_weight.clone().requires_grad_(grad)
+        lp, ent = token_logprobs_and_entropy(h, labels, layer, w, TRUE_VOCAB,
                                              chunk_tokens=chunk_tokens, temperature=temperature)
-        g = torch.autograd.grad(lp.sum(), h)[0] if grad else None
+        g = torch.autograd.grad(lp.sum(), (h, w)) if grad else None
         return lp.detach(), ent.detach(), g
 
     results = {}
@@ -92,8 +96,9 @@ def _worker(rank, world_size):
             assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
             assert (lp - ref_lp).abs().max() <= TOL, (name, grad)
             assert (ent - ref_ent).abs().max() <= TOL, (name, grad)
-            if grad:
-                assert (g - ref_grad).abs().max() <= TOL, name
+            if grad:  # d log p / dz = onehot − p, through the output layer to h and W
+                assert (g[0] - ref_grad).abs().max() <= TOL, name
+                assert (g[1] - ref_weight_grad).abs().max() <= TOL, name
             results[(name, grad)] = (lp, ent)
     # chunking changes nothing but the matmul shapes (fp32 rounding: a few ulps of |log p| ~ 10)
     for grad in (False, True):

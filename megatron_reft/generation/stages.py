@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_reft.generation.sampling import sample_and_score
+from megatron_reft.models.output_projection import vocab_logits
 
 SCORES = 3  # per sampled token: log-prob, entropy, value (StageRunner.sample_scored)
 
@@ -65,14 +66,13 @@ class StageRunner:
         self.last_hidden = last  # post final norm: what the training forward's value head reads
         if choosing is not None and not bool(choosing.any()):  # e.g. a prefill whose tokens all follow
             return last.new_zeros(batch, self.true_vocab, dtype=torch.float32)
+        weight = self.gpt.output_weight()
         if choosing is not None and not bool(choosing.all()):
-            chosen, _ = self.gpt.output_layer(last[:, choosing], weight=self.gpt.output_weight(),
-                                              runtime_gather_output=True)
+            chosen = vocab_logits(self.gpt.output_layer, last[:, choosing], weight, gather_output=True)
             logits = chosen.new_zeros(1, batch, chosen.shape[-1])
             logits[:, choosing] = chosen
         else:
-            logits, _ = self.gpt.output_layer(last, weight=self.gpt.output_weight(),
-                                              runtime_gather_output=True)
+            logits = vocab_logits(self.gpt.output_layer, last, weight, gather_output=True)
         # The vocabulary is padded for TP divisibility: padded ids must never be sampled.
         return logits[0, :, :self.true_vocab].float()
 

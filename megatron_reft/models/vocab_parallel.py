@@ -6,13 +6,16 @@ padded for TP divisibility) are pushed to a huge negative logit so they never re
 Logits are computed from hidden states a chunk of positions at a time, and under autograd each
 chunk is recomputed in backward (activation checkpointing), so the whole batch's fp32 logits
 never exist at once (peers' most common out-of-memory cause). Without autograd (log-prob
-passes) one in-place pass over each chunk gives log-probs and, when asked, entropy.
+passes) one in-place pass over each chunk gives log-probs and, when asked, entropy; with
+autograd (updates) `_LabelLogProbs` does the same pass and keeps only the softmax for backward.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
+
+from megatron_reft.models.output_projection import vocab_logits
 
 _PAD_LOGIT = -1e30  # finite: exp() underflows to 0 and 0 · logit stays 0 (no NaN in entropy)
 
@@ -30,21 +33,59 @@ def _vocab_range(local_vocab: int):
     return start, start + local_vocab
 
 
-def mask_padding(logits: torch.Tensor, true_vocab: int) -> torch.Tensor:
-    """Padding columns of this rank's slice → a huge negative logit (in place on those columns
-    only: the padded columns are the tail of the slice)."""
-    start, end = _vocab_range(logits.shape[-1])
-    if end <= true_vocab:
+def mask_padding(logits: torch.Tensor, true_vocab: int, start: int | None = None) -> torch.Tensor:
+    """Padding columns of this rank's slice (which begins at vocabulary id `start`, by
+    default this TP rank's) → a huge negative logit, in place on those columns only: the
+    padded columns are the tail of the slice."""
+    if start is None:
+        start, _ = _vocab_range(logits.shape[-1])
+    if start + logits.shape[-1] <= true_vocab:
         return logits
     logits[..., max(true_vocab - start, 0):] = _PAD_LOGIT
     return logits
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) from vocab-parallel fp32 logits (differentiable; megatron's kernel)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, true_vocab: int) -> torch.Tensor:
+    """log p(label) from vocab-parallel fp32 logits [..., V/TP] (differentiable; consumes
+    `logits`, whose padding columns it masks itself)."""
+    start, _ = _vocab_range(logits.shape[-1])
+    return _LabelLogProbs.apply(logits, labels, start, true_vocab, _tp_group())
 
-    return -vocab_parallel_cross_entropy(logits, labels)
+
+class _LabelLogProbs(torch.autograd.Function):
+    """log p(label) = z_label − log Σ e^z over the TP group, and d log p / dz = onehot − p.
+
+    What megatron's `vocab_parallel_cross_entropy` computes, in fewer passes over the
+    vocabulary: `amax` (max(dim) also builds indices, ~20x slower on CPU), one all-reduce for
+    Σ e^z and the label's logit together, and the padding masked here, inside the forward,
+    where autograd records nothing (masking the logits in place beforehand made autograd copy
+    the whole gradient in backward). The logits are consumed in place, as megatron's kernel
+    does: the output layer's backward needs its input and weight, not its output. The
+    softmax is the one tensor kept for backward (the same memory as megatron's)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start: int, true_vocab: int, group):
+        mask_padding(logits, true_vocab, vocab_start)
+        local_vocab = logits.shape[-1]
+        local_max = logits.amax(dim=-1, keepdim=True)
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits.sub_(local_max)
+        on_this_rank = (labels >= vocab_start) & (labels < vocab_start + local_vocab)
+        local_index = (labels - vocab_start).clamp(0, local_vocab - 1).unsqueeze(-1)
+        label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
+        probs = shifted.exp_()
+        sums = torch.stack([probs.sum(-1), label_logit])
+        dist.all_reduce(sums, group=group)
+        probs.div_(sums[0].unsqueeze(-1))
+        ctx.save_for_backward(probs, local_index, on_this_rank)
+        return sums[1] - sums[0].log()
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, local_index, on_this_rank = ctx.saved_tensors
+        grad_logits = probs.mul_(-grad.unsqueeze(-1))  # in place: backward runs once
+        grad_logits.scatter_add_(-1, local_index, (grad * on_this_rank).unsqueeze(-1))
+        return grad_logits, None, None, None, None
 
 
 @torch.no_grad()
@@ -103,16 +144,16 @@ def _logprobs_and_entropy(logits, labels, vocab_start, with_entropy, group):
 
 
 def _chunk_stats(hidden, labels, output_layer, weight, true_vocab, temperature, with_entropy=True):
-    logits, _ = output_layer(hidden, weight=weight)  # [s_chunk, b, V/TP]
-    logits = mask_padding(logits.float(), true_vocab)
+    logits = vocab_logits(output_layer, hidden, weight).float()  # [s_chunk, b, V/TP]
     if temperature != 1.0:
         logits = logits / temperature
     if not torch.is_grad_enabled():  # log-prob passes: one vocabulary pass, nothing kept
-        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, labels.t(), with_entropy)
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(mask_padding(logits, true_vocab), labels.t(),
+                                                                with_entropy)
         return logprobs.t(), (entropy.t() if with_entropy else None)
-    # Entropy first: megatron's cross-entropy kernel shifts its fp32 input in place.
-    entropy = vocab_parallel_entropy(logits.detach()).t() if with_entropy else None
-    logprobs = vocab_parallel_logprobs(logits, labels.t().contiguous())  # [s_chunk, b]
+    # Entropy first: the log-prob function consumes its fp32 input in place.
+    entropy = vocab_parallel_entropy(mask_padding(logits.detach(), true_vocab)).t() if with_entropy else None
+    logprobs = vocab_parallel_logprobs(logits, labels.t(), true_vocab)  # [s_chunk, b]
     return logprobs.t(), entropy
 
 
