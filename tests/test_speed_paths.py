@@ -257,7 +257,8 @@ def test_decode_slot_accounting(layout):
 
 def _module_worker(rank, world):
     """SDPA vs megatron's DotProductAttention on raw q/k/v: causal prefill, one cached decode
-    token, several tokens after a cached prefix, an explicit mask, query-key layer scaling."""
+    token (with and without a padding mask), several tokens after a cached prefix, an explicit
+    mask, query-key layer scaling."""
     torch.set_num_threads(1)
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -275,8 +276,10 @@ def _module_worker(rank, world):
                                    attention_dropout=0.0)
         pair = [cls(config, layer_number=3, attn_mask_type=AttnMaskType.causal, attention_type="self")
                 for cls in (DotProductAttention, SDPADotProductAttention)]
+        # decode: one query per row, on CPU models/sdpa_attention.one_query_attention (with a
+        # padding mask: right-aligned prompts, continuous batching)
         for name, sq, sk, mask in (("prefill", 7, 7, None), ("decode", 1, 7, None), ("suffix", 3, 7, "causal"),
-                                   ("explicit", 5, 5, "random")):
+                                   ("explicit", 5, 5, "random"), ("decode_masked", 1, 7, "random")):
             q = torch.randn(sq, 2, 4, 8, generator=g)
             k, v = torch.randn(sk, 2, 2, 8, generator=g), torch.randn(sk, 2, 2, 8, generator=g)
             if mask == "causal":  # True = not allowed, bottom-right aligned (megatron's convention)
@@ -284,16 +287,36 @@ def _module_worker(rank, world):
             elif mask == "random":
                 mask = torch.rand(2, 1, sq, sk, generator=g) > 0.6
                 mask[..., 0] = False  # every query sees at least one key
-            outs = [m(q, k, v, mask, attn_mask_type=AttnMaskType.no_mask if name == "decode" else None)
+            outs = [m(q, k, v, mask, attn_mask_type=AttnMaskType.no_mask if name.startswith("decode") else None)
                     for m in pair]
             diffs[(scaling, name)] = (outs[0] - outs[1]).abs().max().item()
     shutdown()
     return diffs
 
 
+@pytest.mark.parametrize("heads,groups", [(4, 2), (4, 4), (8, 1)])
+def test_one_query_attention_equals_sdpa_for_every_mask_shape(heads, groups):
+    """The CPU decode path against torch's kernel with GQA: no mask, and boolean masks per row,
+    per row and head, and shared by all rows (True = allowed)."""
+    import torch.nn.functional as F
+
+    from megatron_reft.models.sdpa_attention import one_query_attention
+
+    g = torch.Generator().manual_seed(heads * 10 + groups)
+    b, d, s = 3, 8, 7
+    q, k, v = (torch.randn(b, n, length, d, generator=g) for n, length in ((heads, 1), (groups, s), (groups, s)))
+    for shape in (None, (b, 1, 1, s), (b, heads, 1, s), (1, 1, 1, s), (1, heads, 1, s)):
+        allowed = None
+        if shape is not None:
+            allowed = torch.rand(shape, generator=g) > 0.4
+            allowed[..., -1] = True  # a row always sees its own new key
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+        assert _diff(one_query_attention(q, k, v, allowed, 0.3), expected) < 1e-6, shape
+
+
 def test_sdpa_module_matches_megatron_attention_on_every_mask_kind():
     diffs = run_distributed(_module_worker, 1, init_process_group=False, timeout_s=120)[0]
-    assert len(diffs) == 8
+    assert len(diffs) == 10
     for case, diff in diffs.items():
         assert diff < TOL, case
 
