@@ -3,8 +3,9 @@
 megatron's `ColumnParallelLinear` multiplies with `torch.matmul`, which on CPU is MKL's sgemm.
 For the output layer's shape — tens of thousands of vocabulary rows against a few (decode) to a
 few hundred (scored positions of a micro-batch) hidden states — oneDNN's fp32 inner-product
-kernel, which PyTorch ships for `torch.compile`'s CPU backend, measured 1.2–2.1× faster on
-this project's CPUs (`benchmarks/output_projection.py`, docs/benchmarks.md). For small
+kernel, which PyTorch ships for `torch.compile`'s CPU backend, measured 1.1–2.1× faster at
+decode's 1–128 rows and 1.0–1.3× at 512–2048 on this project's CPUs
+(`benchmarks/output_projection.py`, docs/benchmarks.md, seventh round). For small
 matrices (the quickstart's 384 × 128) it is slower, so only weights of at least
 `MIN_WEIGHT_ENTRIES` take it. Its backward is torch's own two matmuls (dh = g·W, dW = gᵀ·h),
 which already run at the machine's matmul rate.
