@@ -66,16 +66,10 @@ class _LabelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start: int, true_vocab: int, group):
         mask_padding(logits, true_vocab, vocab_start)
-        local_vocab = logits.shape[-1]
-        local_max = logits.amax(dim=-1, keepdim=True)
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits.sub_(local_max)
-        on_this_rank = (labels >= vocab_start) & (labels < vocab_start + local_vocab)
-        local_index = (labels - vocab_start).clamp(0, local_vocab - 1).unsqueeze(-1)
-        label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
+        shifted, label_logit, local_index, on_this_rank = _shifted_label_logits(logits, labels, vocab_start, group)
         probs = shifted.exp_()
         sums = torch.stack([probs.sum(-1), label_logit])
-        dist.all_reduce(sums, group=group)
+        _all_reduce(sums, group)
         probs.div_(sums[0].unsqueeze(-1))
         ctx.save_for_backward(probs, local_index, on_this_rank)
         return sums[1] - sums[0].log()
@@ -120,24 +114,38 @@ def full_vocab_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, 
     return _logprobs_and_entropy(logits, labels, 0, with_entropy, None)
 
 
-def _logprobs_and_entropy(logits, labels, vocab_start, with_entropy, group):
-    """Shifted-logit softmax statistics of this slice [vocab_start, vocab_start + V_local),
-    summed over `group` (None: the slice is the whole vocabulary)."""
-    reduce = (lambda t, **kw: dist.all_reduce(t, group=group, **kw)) if group is not None else (lambda t, **kw: None)
-    local_max = logits.amax(dim=-1, keepdim=True)  # no indices: ~20x faster on CPU
-    reduce(local_max, op=dist.ReduceOp.MAX)
-    shifted = logits.sub_(local_max)  # in place: the logits are this function's to consume
+def _all_reduce(tensor, group, op=dist.ReduceOp.SUM) -> None:
+    """Over the TP group; nothing when `group` is None (the slice is the whole vocabulary)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+def _shifted_label_logits(logits, labels, vocab_start: int, group):
+    """Consumes `logits` (this slice [vocab_start, vocab_start + V_local)): shifted in place by
+    the group's max logit (`amax`: no indices, ~20x faster than max(dim) on CPU). Returns the
+    shifted logits, the label's shifted logit on the rank holding it (0 elsewhere, summed
+    later), the label's index within the slice and whether this rank holds it."""
+    local_max = logits.amax(dim=-1, keepdim=True)
+    _all_reduce(local_max, group, op=dist.ReduceOp.MAX)
+    shifted = logits.sub_(local_max)
     local_vocab = logits.shape[-1]
     on_this_rank = (labels >= vocab_start) & (labels < vocab_start + local_vocab)
     local_index = (labels - vocab_start).clamp(0, local_vocab - 1).unsqueeze(-1)
     label_logit = shifted.gather(-1, local_index).squeeze(-1) * on_this_rank
+    return shifted, label_logit, local_index, on_this_rank
+
+
+def _logprobs_and_entropy(logits, labels, vocab_start, with_entropy, group):
+    """Shifted-logit softmax statistics of this slice [vocab_start, vocab_start + V_local),
+    summed over `group` (None: the slice is the whole vocabulary)."""
+    shifted, label_logit, _, _ = _shifted_label_logits(logits, labels, vocab_start, group)
     if with_entropy:
         exp = shifted.exp()
         parts = [exp.sum(-1), label_logit, torch.linalg.vecdot(exp, shifted)]  # Σ e^z·z, no product tensor
     else:
         parts = [shifted.exp_().sum(-1), label_logit]
     sums = torch.stack(parts)
-    reduce(sums)
+    _all_reduce(sums, group)
     log_sum_exp = sums[0].log()
     entropy = log_sum_exp - sums[2] / sums[0] if with_entropy else None
     return sums[1] - log_sum_exp, entropy
