@@ -226,15 +226,17 @@ class Engine:
         uniform = ps.get_pipeline_model_parallel_world_size() > 1  # else any shapes may mix
         seq = max(mb["tokens"].shape[1] for mb in microbatches)
         batch = microbatches[0]["tokens"].shape[0]
+        # Batches are built on the host (data loaders, rollout batches); the model's device may
+        # be a GPU: the one place every job's inputs pass through copies them there.
+        device = next(self.gpt.parameters()).device
         prepared = []
         for mb in microbatches:
             if uniform and mb["tokens"].shape[0] != batch:
                 raise ValueError("all micro-batches of one call must have the same batch size")
+            mb = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
             if uniform:
                 mb = {k: (_pad_to(v, seq) if torch.is_tensor(v) and v.dim() >= 2 and k != "attention_mask" else v)
                       for k, v in mb.items()}
-            else:
-                mb = dict(mb)
             mb.setdefault("attention_mask", None)
             if "position_ids" not in mb:
                 b, s = mb["tokens"].shape

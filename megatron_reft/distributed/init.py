@@ -79,8 +79,8 @@ def seed_everything(seed: int) -> None:
 
 
 def start_process_group(timeout_minutes: float = 10.0) -> LaunchEnv:
-    """Join the job's torch.distributed world (torchrun, Slurm or a plain `python`): NCCL on
-    GPUs, gloo on CPU (after installing the CPU compatibility layer). Shared by `initialize`
+    """Join the job's torch.distributed world (torchrun, Slurm or a plain `python`): NCCL for
+    GPU tensors (gloo for host tensors beside it), gloo on CPU (after installing the CPU compatibility layer). Shared by `initialize`
     and the split actor/critic world (distributed/roles.py)."""
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -92,7 +92,10 @@ def start_process_group(timeout_minutes: float = 10.0) -> LaunchEnv:
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         dist.init_process_group(
-            backend="nccl" if on_gpu else "gloo",
+            # On GPUs NCCL carries device tensors and gloo the host-side statistics (rewards,
+            # loss sums, step metrics) that the trainers all-reduce; groups megatron-core
+            # creates inherit both.
+            backend="cpu:gloo,cuda:nccl" if on_gpu else "gloo",
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank, world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -133,17 +133,20 @@ def padding_stats(batch: RolloutBatch, microbatches: list[dict]) -> dict:
 
 
 def assemble(per_microbatch: list[torch.Tensor], microbatches: list[dict], num_rows: int,
-             width: int) -> torch.Tensor:
-    """[num_rows, width] from per-micro-batch [b, w] tensors, each row back at its place
-    (positions past a micro-batch's width are 0)."""
+             width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[num_rows, width] on `device` (default: the outputs') from per-micro-batch [b, w]
+    tensors, each row back at its place (positions past a micro-batch's width are 0)."""
     first = per_microbatch[0]
-    out = torch.zeros((num_rows, width), dtype=first.dtype, device=first.device)
+    out = torch.zeros((num_rows, width), dtype=first.dtype, device=device or first.device)
     for values, mb in zip(per_microbatch, microbatches):
         w = min(values.shape[1], width)
-        out[mb["rows"].to(out.device), :w] = values[:, :w]
+        out[mb["rows"].to(out.device), :w] = values[:, :w].to(out.device)
     return out
 
 
 def gather_forward(outputs: list[dict], key: str, microbatches: list[dict], batch: RolloutBatch) -> torch.Tensor:
-    """One engine output (`key`) back as [B, S] in the batch's row order."""
-    return assemble([o[key] for o in outputs], microbatches, batch.size, batch.tokens.shape[1])
+    """One engine output (`key`) back as [B, S] in the batch's row order, where the batch lives
+    (the host): the advantage math runs beside the rollout batch, and the engine copies each
+    micro-batch's share to the model's device when it runs it."""
+    return assemble([o[key] for o in outputs], microbatches, batch.size, batch.tokens.shape[1],
+                    device=batch.tokens.device)

@@ -223,7 +223,7 @@ class PPOTrainer:
         scores = torch.tensor([r.reward for r in results], dtype=torch.float32)
         mask = batch.action_mask
         old_logprobs = gather_forward(old, "logprobs", mbs, batch)
-        values = assemble(old_values, mbs, batch.size, batch.tokens.shape[1])
+        values = assemble(old_values, mbs, batch.size, batch.tokens.shape[1], device=batch.tokens.device)
         ref_logprobs = gather_forward(ref, "logprobs", mbs, batch)
         rewards, kl = ppo_math.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, p.kl_coef)
         advantages, returns = ppo_math.gae_advantages(rewards, values, mask, p.gamma, p.lam)

@@ -64,7 +64,7 @@ def evaluation_loss(engine: Engine, examples: list, micro_batch_size: int, pad_i
         batches = microbatches(mine, micro_batch_size, pad_id)
         for mb in batches:  # one call per micro-batch: sizes may differ at the end
             out = engine.forward([mb])[0]
-            mask = mb["loss_mask"].float()
+            mask = mb["loss_mask"].float().to(out["logprobs"].device)
             stats.append({"nll_sum": -(out["logprobs"][:, :mask.shape[1]] * mask).sum(), "tokens": mask.sum()})
     from megatron.core import parallel_state as ps
 

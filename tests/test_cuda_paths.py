@@ -1,0 +1,69 @@
+"""On a CUDA GPU, one PPO step equals the same step on the CPU (skipped without a GPU).
+
+Every job builds its batches on the host (data loaders, rollout batches) and the PPO math runs
+beside them; the engine copies each micro-batch to the model's device, and host-side statistics
+are all-reduced over gloo next to NCCL. The step runs in fp32 in two processes, one that sees the
+GPU and one that does not (CUDA_VISIBLE_DEVICES=""), from the same seeds: log-probs, values,
+loss statistics and the log-probs after the update must agree to fp32 rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: compares a PPO step on the GPU with the CPU's")
+
+
+def _ppo_step(rank, world):
+    torch.set_num_threads(1)
+    from megatron_reft.config import load_config
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engine import Engine, OptimSettings
+    from megatron_reft.models.families import model_config_from_preset
+    from megatron_reft.rl import ppo_math
+    from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, micro_batches
+    from megatron_reft.rl.trainer import ppo_loss_fn, reduce_stats
+
+    initialize(1, 1, seed=3)
+    model_cfg = model_config_from_preset("tiny-llama", vocab_size=200)
+    engine = Engine(model_cfg, dtype=torch.float32, with_value_head=True, optim=OptimSettings(lr=1e-2))
+    engine.init_from_scratch(5)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (3, 5, 4, 3)]
+    responses = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (6, 2, 4, 5)]
+    batch = build_rollout_batch(prompts, responses, [True] * 4, pad_id=0)  # on the host
+    mbs = micro_batches(batch, list(range(4)), 2, token_budget=16)
+    old = engine.forward(mbs)
+    old_logprobs, values = gather_forward(old, "logprobs", mbs, batch), gather_forward(old, "values", mbs, batch)
+    assert old_logprobs.device.type == "cpu" and values.device.type == "cpu"
+    ref_logprobs = old_logprobs + 0.05 * torch.randn(old_logprobs.shape, generator=g)
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.5])
+    rewards, _ = ppo_math.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, batch.action_mask, 0.05)
+    advantages, returns = ppo_math.gae_advantages(rewards, values, batch.action_mask)
+    advantages = ppo_math.whiten_advantages(advantages, batch.action_mask)
+    batch.tensors.update(old_logprobs=old_logprobs, values=values, advantages=advantages, returns=returns)
+    engine.module.train()
+    result = engine.train_step(micro_batches(batch, list(range(4)), 1), ppo_loss_fn(load_config(None, [])))
+    stats = reduce_stats(result["stats"])  # a host tensor all-reduced: gloo beside NCCL on a GPU
+    after = gather_forward(engine.forward(mbs), "logprobs", mbs, batch)
+    device = str(next(engine.gpt.parameters()).device.type)
+    shutdown()
+    mask = batch.action_mask
+    return {"device": device, "old": old_logprobs * mask, "values": values * mask, "after": after * mask,
+            "stats": stats, "grad_norm": result["grad_norm"]}
+
+
+def test_ppo_step_on_gpu_equals_cpu(monkeypatch):
+    gpu = run_distributed(_ppo_step, 1, init_process_group=False, timeout_s=300)[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the spawned process sees no GPU
+    cpu = run_distributed(_ppo_step, 1, init_process_group=False, timeout_s=300)[0]
+    assert (gpu["device"], cpu["device"]) == ("cuda", "cpu")
+    for key in ("old", "values", "after"):
+        torch.testing.assert_close(gpu[key], cpu[key], rtol=1e-4, atol=1e-4, msg=key)
+    assert not torch.equal(gpu["after"], gpu["old"])  # the update moved the policy
+    assert gpu["grad_norm"] == pytest.approx(cpu["grad_norm"], rel=1e-4)
+    for key, value in cpu["stats"].items():
+        assert gpu["stats"][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
