@@ -9,7 +9,9 @@
 - the micro-batch plan never exceeds its token budget and covers every row once;
 - torch's fused Adam kernel on CPU (engine.fuse_cpu_adam) against the per-tensor loop;
 - oneDNN's output-layer matmul on CPU (models/output_projection.py) against megatron's layer:
-  log-probs, PPO loss and gradients (untied and tied output weights), cached decoding.
+  log-probs, PPO loss and gradients (untied and tied output weights), cached decoding;
+- the no-grad linears (models/inference_linear.py) and the once-per-step RoPE of decoding
+  (sdpa_attention._rotate / _step_rotation) against megatron's, bit for bit (TP = 1 and 2).
 
 at TP{1,2} × PP{1,2} (one spawned job per layout; tiny llama with GQA, vocabulary 200). With
 PP = 2 the token-budget plan has several shapes, so the engine runs several pipeline schedule
@@ -471,3 +473,96 @@ def test_onednn_output_layer_engine_equals_megatron_layer(preset):
         assert _diff(fast["grads"][name], grad) < TOL, name
     assert _diff(fast["cached"], slow["cached"]) < TOL
     assert fast["greedy"] == slow["greedy"]
+
+
+# ------------------------------------------------- decode-step host work (the H200's gap to HF)
+def _inference_linear_worker(rank, world):
+    torch.set_num_threads(1)
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.models.inference_linear import InferenceColumnParallelLinear, InferenceRowParallelLinear
+
+    initialize(world, 1, seed=0)
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
+                               tensor_model_parallel_size=world)
+    g = torch.Generator().manual_seed(rank)
+    checked = 0
+    for bias in (False, True):
+        for skip_bias_add in (False, True):
+            pairs = [(cls(16, 24, config=config, init_method=torch.nn.init.normal_, bias=bias, gather_output=False,
+                          skip_bias_add=skip_bias_add) for cls in (ColumnParallelLinear, InferenceColumnParallelLinear)),
+                     (cls(24, 16, config=config, init_method=torch.nn.init.normal_, bias=bias, input_is_parallel=True,
+                          skip_bias_add=skip_bias_add) for cls in (RowParallelLinear, InferenceRowParallelLinear))]
+            for theirs, ours in pairs:
+                with torch.no_grad():
+                    for a, b in zip(theirs.parameters(), ours.parameters()):
+                        a.normal_(generator=g)
+                        b.copy_(a)
+                x = torch.randn(5, 3, theirs.weight.shape[1], generator=g)
+                with torch.no_grad():  # the lean forward: the same numbers, bit for bit
+                    for got, want in zip(ours(x), theirs(x)):
+                        assert (got is None) == (want is None)
+                        assert want is None or torch.equal(got, want)
+                x.requires_grad_(True)  # with autograd on: megatron's own forward and backward
+                out_ours, out_theirs = ours(x)[0], theirs(x)[0]
+                assert torch.equal(out_ours, out_theirs)
+                assert torch.equal(torch.autograd.grad(out_ours.sum(), x)[0], torch.autograd.grad(out_theirs.sum(), x)[0])
+                checked += 1
+    shutdown()
+    return checked
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_inference_linears_equal_megatron_bit_for_bit(world):
+    """No-grad forwards skip megatron's autograd wrappers; at TP=2 the row-parallel output is
+    still all-reduced, biases and skip_bias_add behave as megatron's."""
+    assert run_distributed(_inference_linear_worker, world, init_process_group=False, timeout_s=120) == [8] * world
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot_dim", [8, 4])  # full and partial rotary (the rest passes through)
+def test_rotate_equals_megatron_rope_bit_for_bit(dtype, rot_dim):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_reft.models.sdpa_attention import _rotate
+
+    g = torch.Generator().manual_seed(rot_dim)
+    t = torch.randn(3, 2, 4, 8, generator=g).to(dtype)
+    freqs = torch.randn(3, 1, 1, rot_dim, generator=g) * 3
+    cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+    assert torch.equal(_rotate(t, cos, sin), _apply_rotary_pos_emb_bshd(t, freqs))
+
+
+def test_step_rotation_is_shared_within_a_step_and_never_reused_across_steps():
+    """Layers of one step share one (cos, sin); a new offset, new per-row positions (even with
+    the same values' shape) or a new angle table recompute it."""
+    from types import SimpleNamespace
+
+    from megatron_reft.models.sdpa_attention import rope_cached_self_attention
+
+    attention = SimpleNamespace(config=SimpleNamespace(rotary_scaling_factor=None, mscale=None,
+                                                       position_embedding_type="rope"))
+    step_rotation = rope_cached_self_attention()._step_rotation.__get__(attention)
+    table = torch.randn(10, 1, 1, 6)
+    context = SimpleNamespace(row_positions=None)
+
+    def fresh(freqs):
+        return torch.cos(freqs), torch.sin(freqs)
+
+    first = step_rotation(context, table, 3, 1, torch.float32)
+    assert step_rotation(context, table, 3, 1, torch.float32) is first  # the step's other layers
+    for got, want in zip(first, fresh(table[3:4])):
+        assert torch.equal(got, want)
+    moved = step_rotation(context, table, 4, 1, torch.float32)  # next step
+    assert torch.equal(moved[0], fresh(table[4:5])[0])
+    prefill = step_rotation(context, table, 0, 5, torch.float32)
+    assert torch.equal(prefill[1], fresh(table[0:5])[1])
+    for rows in (torch.tensor([2, 7]), torch.tensor([5, 1])):  # per-row positions, a new tensor per step
+        context.row_positions = rows
+        got = step_rotation(context, table, 4, 1, torch.float32)
+        assert torch.equal(got[0], fresh(table[rows].transpose(0, 1))[0])
+    other_table = table + 1.0
+    context.row_positions = None
+    assert torch.equal(step_rotation(context, other_table, 4, 1, torch.float32)[0], fresh(other_table[4:5])[0])

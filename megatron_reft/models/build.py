@@ -2,8 +2,10 @@
 
 The layer spec is chosen like megatron-core intends: Transformer Engine's when it imports,
 the local (pure PyTorch) spec otherwise — model code is the same either way. In the local spec
-the core attention is `attention="sdpa"` (default: torch's fused kernel, no mask tensor,
-models/sdpa_attention.py) or `"megatron"` (megatron's own `baddbmm` + masked softmax).
+`attention="sdpa"` (the default) takes torch's fused attention kernel without a mask tensor
+(models/sdpa_attention.py) and linears that skip megatron's autograd wrappers when no gradient
+is recorded (models/inference_linear.py); `"megatron"` keeps megatron's own submodules
+(`baddbmm` + masked softmax).
 """
 from __future__ import annotations
 
@@ -39,10 +41,15 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = 
         raise ValueError(f"attention backend {attention!r} is not one of {ATTENTION_BACKENDS}")
     norm = "RMSNorm" if model.family == "llama" else "LayerNorm"
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
-    if attention == "sdpa":  # swap only the core-attention submodule (ModuleSpec, model unchanged)
+    if attention == "sdpa":  # swap submodules only (ModuleSpec, model unchanged)
+        from megatron_reft.models.inference_linear import InferenceColumnParallelLinear, InferenceRowParallelLinear
         from megatron_reft.models.sdpa_attention import SDPADotProductAttention
 
-        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+        attention_parts, mlp_parts = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+        attention_parts.core_attention = SDPADotProductAttention
+        # Linears without autograd wrappers when no gradient is recorded (decode, log-prob passes)
+        attention_parts.linear_qkv = mlp_parts.linear_fc1 = InferenceColumnParallelLinear
+        attention_parts.linear_proj = mlp_parts.linear_fc2 = InferenceRowParallelLinear
         if model.family == "llama":  # RoPE: rotate each key once, as it enters the KV cache
             from megatron_reft.models.sdpa_attention import rope_cached_self_attention
 

@@ -187,12 +187,16 @@ def transformer_config(model: ModelConfig, *, tensor_parallel: int = 1, pipeline
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         attention_softmax_in_fp32=True,
-        # Fusions need CUDA kernels; enable only where they exist.
-        bias_activation_fusion=on_gpu and model.family == "llama",
+        # megatron-core 0.16.1 builds these two "fusions" with torch.compile (jit_fuser). Dropout
+        # is 0 and llama has no biases, so they fuse an add or a SiLU·mul, while RL passes vary in
+        # shape every step (micro-batch widths, decode batch, train/eval): on the H200 run the
+        # compiled bias-dropout-add hit dynamo's recompile limit within one benchmark, and every
+        # decode-step call pays its guards (docs/benchmarks.md, "First GPU run"). Plain eager ops.
+        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # weights come from init_weights() or a checkpoint

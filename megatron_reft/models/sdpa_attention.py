@@ -142,6 +142,14 @@ def rope_cached_self_attention():
                                                                rotary_pos_emb, *args, **kwargs)
             q_pos_emb, k_pos_emb = rotary_pos_emb
             start = inference_context.sequence_len_offset
+            if self._plain_rope() and query.size(0) == key.size(0):
+                # The new tokens' queries and keys share positions: one (cos, sin) for both, and
+                # for every layer of this step (megatron computes them per call, twice a layer).
+                cos, sin = self._step_rotation(inference_context, k_pos_emb, start, key.size(0), key.dtype)
+                query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+                query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
+                    inference_context, query, key, value, None, *args, **kwargs)
+                return query, key, value, None, mask_type, block_table
             rows = getattr(inference_context, "row_positions", None)
             if rows is not None and key.size(0) == 1:  # [b] positions -> [1, b, 1, dim] angles
                 k_pos_emb = q_pos_emb = k_pos_emb[rows].transpose(0, 1)
@@ -156,4 +164,40 @@ def rope_cached_self_attention():
             # The key is rotated already: forward rotates only the query (k_pos_emb None).
             return query, key, value, (q_pos_emb, None), mask_type, block_table
 
+        def _plain_rope(self) -> bool:
+            """megatron's unfused, non-interleaved RoPE on one context-parallel rank: the case
+            `_rotate` reproduces op for op."""
+            c = self.config
+            return (not c.apply_rope_fusion and not c.rotary_interleaved and not c.multi_latent_attention
+                    and self.pg_collection.cp.size() == 1)
+
+        def _step_rotation(self, inference_context, pos_emb, start: int, length: int, dtype):
+            """(cos, sin) of this step's new positions, as megatron's `_apply_rotary_pos_emb_bshd`
+            computes them; cached on the inference context for the step's other layers. The
+            cache holds the angle table and the per-row positions it was made from, so a later
+            step (new positions, or a new table) can never match it by a reused id."""
+            rows = getattr(inference_context, "row_positions", None)
+            mscale = _yarn_get_concentration_factor_from_config(self.config)
+            key = (start, length, dtype, mscale)
+            cached = getattr(inference_context, "_reft_rotation", None)
+            if cached is not None and cached[0] is pos_emb and cached[1] is rows and cached[2] == key:
+                return cached[3]
+            if rows is not None and length == 1:  # [b] positions -> [1, b, 1, dim] angles
+                freqs = pos_emb[rows].transpose(0, 1)
+            else:
+                freqs = pos_emb[start:start + length]
+            rotation = ((torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
+            inference_context._reft_rotation = (pos_emb, rows, key, rotation)
+            return rotation
+
     return RopeCachedSelfAttention
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """t·cos + rotate_half(t)·sin on the first cos.shape[-1] channels, the rest passed through:
+    megatron's unfused, non-interleaved RoPE, same ops in the same order (bit-identical)."""
+    rot_dim = cos.shape[-1]
+    rotated, passed = t[..., :rot_dim], t[..., rot_dim:]
+    first, second = torch.chunk(rotated, 2, dim=-1)
+    rotated = rotated * cos + torch.cat((-second, first), dim=-1) * sin
+    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
