@@ -21,7 +21,8 @@ if [ "${SMALL:-0}" = 1 ]; then
   SWEEP="--batches 2,4 --lengths-sweep 4,8 --repeats 1"
 else
   BIG=llama-1b HUGE=codellama-7b GEN="--batch 64 --prompt-len 128 --new-tokens 256 --repeats 3"
-  PPO="--batch 64 --prompt-len 128 --new-tokens 256 --micro-batch 16 --repeats 3"
+  # 2 repeats and no `ours_before`: on 2026-11-30 three methods × (warm-up + 3) did not fit 168 s
+  PPO="--batch 64 --prompt-len 128 --new-tokens 256 --micro-batch 16 --repeats 2 --methods ours,reference_hf"
   SWEEP="--batches 8,32,128,256 --lengths-sweep 32,128,512 --repeats 1"
 fi
 
@@ -56,6 +57,7 @@ step demo 150 $PY -m megatron_reft demo --out "$OUT/demo_run" trainer.epochs=2 o
   'trainer.keep_epochs=[2]' data.synthetic_train_items=256 data.synthetic_eval_items=32 \
   --ppo trainer.max_steps=2 trainer.eval_interval=2 trainer.save_interval=2 ppo.rollout_batch_size=32
 cat "$OUT/demo_run/summary.json" >> "$LOG" 2>/dev/null; rm -rf "$OUT/demo_run"  # at most 8 files come back
+step decode_overhead 90 $PY benchmarks/decode_overhead.py --repeats 3
 step gen_1b 150 $PY benchmarks/generation.py --preset $BIG $GEN --engines cache,hf
 step ppo_1b 240 $PY benchmarks/ppo_step.py --preset $BIG $PPO --lengths synthetic --prompt-lengths synthetic
 step gen_7b 180 $PY benchmarks/generation.py --preset $HUGE ${GEN/--batch 64/--batch 32} --engines cache,hf
@@ -74,6 +76,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     if "cache" in r:
         print(f.name, "tok/s cache", round(r["cache"]["tokens_per_s"]), "hf", round(r.get("hf", {}).get("tokens_per_s", 0)),
               "decode", {k: r.get("decode", {}).get(k) for k in ("decode_step_ms", "fraction_of_spec_bandwidth")})
+    if "ms_per_step" in r:
+        print(f.name, "ms per decode step", r["ms_per_step"], "hf/ours", r["hf_over_ours"])
     if "sweep" in r:
         for row in r["sweep"]:
             print(" ", row)
