@@ -4,7 +4,8 @@ Every job builds its batches on the host (data loaders, rollout batches) and the
 beside them; the engine copies each micro-batch to the model's device, and host-side statistics
 are all-reduced over gloo next to NCCL. The step runs in fp32 in two processes, one that sees the
 GPU and one that does not (CUDA_VISIBLE_DEVICES=""), from the same seeds: log-probs, values,
-loss statistics and the log-probs after the update must agree to fp32 rounding.
+loss statistics, the log-probs after the update and KV-cached decoding logits must agree to
+fp32 rounding.
 """
 from __future__ import annotations
 
@@ -50,10 +51,34 @@ def _ppo_step(rank, world):
     stats = reduce_stats(result["stats"])  # a host tensor all-reduced: gloo beside NCCL on a GPU
     after = gather_forward(engine.forward(mbs), "logprobs", mbs, batch)
     device = str(next(engine.gpt.parameters()).device.type)
+    decoded = _cached_decode_logits(engine, torch.randint(3, 200, (3, 9), generator=g))
     shutdown()
     mask = batch.action_mask
     return {"device": device, "old": old_logprobs * mask, "values": values * mask, "after": after * mask,
-            "stats": stats, "grad_norm": result["grad_norm"]}
+            "stats": stats, "grad_norm": result["grad_norm"], "decoded": decoded}
+
+
+def _cached_decode_logits(engine, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a 4-token prefill and of 5 KV-cached one-token steps (the rollout engine's
+    decode path: the no-grad linears, the once-per-step RoPE, SDPA against the cache)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_reft.generation.stages import StageRunner
+
+    engine.gpt.eval()
+    stage = StageRunner(engine.gpt, engine.model_config.vocab_size)
+    device = next(engine.gpt.parameters()).device
+    tokens = tokens.to(device)
+    b, s = tokens.shape
+    context = StaticInferenceContext(b, s)
+    positions = torch.arange(s, device=device).expand(b, s)
+    with torch.no_grad():
+        steps = [stage.last_logits(tokens[:, :4], positions[:, :4], None, context)]
+        for t in range(4, s):
+            context.sequence_len_offset = t
+            context.enable_decode_mode()
+            steps.append(stage.last_logits(tokens[:, t:t + 1], positions[:, t:t + 1], None, context))
+    return torch.stack(steps).cpu()
 
 
 def test_ppo_step_on_gpu_equals_cpu(monkeypatch):
@@ -61,7 +86,7 @@ def test_ppo_step_on_gpu_equals_cpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the spawned process sees no GPU
     cpu = run_distributed(_ppo_step, 1, init_process_group=False, timeout_s=300)[0]
     assert (gpu["device"], cpu["device"]) == ("cuda", "cpu")
-    for key in ("old", "values", "after"):
+    for key in ("old", "values", "after", "decoded"):
         torch.testing.assert_close(gpu[key], cpu[key], rtol=1e-4, atol=1e-4, msg=key)
     assert not torch.equal(gpu["after"], gpu["old"])  # the update moved the policy
     assert gpu["grad_norm"] == pytest.approx(cpu["grad_norm"], rel=1e-4)
