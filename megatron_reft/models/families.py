@@ -187,15 +187,16 @@ def transformer_config(model: ModelConfig, *, tensor_parallel: int = 1, pipeline
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         attention_softmax_in_fp32=True,
-        # megatron-core 0.16.1 builds these two "fusions" with torch.compile (jit_fuser). Dropout
-        # is 0 and llama has no biases, so they fuse an add or a SiLU·mul, while RL passes vary in
-        # shape every step (micro-batch widths, decode batch, train/eval): on the H200 run the
-        # compiled bias-dropout-add hit dynamo's recompile limit within one benchmark, and every
-        # decode-step call pays its guards (docs/benchmarks.md, "First GPU run"). Plain eager ops.
-        bias_activation_fusion=False,
+        # Fusions need CUDA kernels; enable only where they exist. The SwiGLU one is megatron's
+        # autograd function that saves only its input (the memory plan's fused SwiGLU, m = 3).
+        bias_activation_fusion=on_gpu and model.family == "llama",
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
+        # megatron-core 0.16.1 builds bias-dropout-add with torch.compile. Dropout is 0 (reft.md
+        # §4) and llama has no biases, so it fuses one add, while RL passes change shape every
+        # step: on the H200 it hit dynamo's recompile limit within one benchmark, and every
+        # decode-step call pays its guards (docs/benchmarks.md, "First GPU run"). Plain add.
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
