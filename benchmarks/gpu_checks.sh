@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 15 §6 on one GPU, as one call: the CUDA test, a smoke run of every benchmark path at a
-# tiny shape, then generation.py and ppo_step.py at llama-1b, generation.py at codellama-7b and the
-# ppo_step.py scaling sweep. Each step has its own time limit; JSON lands in $OUT (or ./gpu_out).
+# Issue 15 §6 on one GPU, as one call: the CUDA tests, a smoke run of every benchmark path at a
+# tiny shape, then generation.py and ppo_step.py at llama-1b, the decode-overhead stand-in,
+# generation.py at codellama-7b, a cut-down quickstart and the ppo_step.py scaling sweep. Each
+# step has its own time limit; JSON lands in $OUT (or ./gpu_out).
 #
 #   bash benchmarks/gpu_checks.sh                  # on the GPU machine (megatron-core importable)
 #   SMALL=1 bash benchmarks/gpu_checks.sh          # the same commands at CPU-sized shapes (a dry run)
@@ -52,15 +53,17 @@ step pytest_cuda 150 $PY -m pytest -q tests/test_cuda_paths.py tests/test_distri
 # Every path once at a tiny shape: a failure here would fail every step below, so stop.
 step smoke 240 $PY benchmarks/ppo_step.py --preset tiny-llama --batch 8 --prompt-len 16 --new-tokens 16 \
   --repeats 1 --lengths synthetic --prompt-lengths synthetic --methods ours,ours_before,reference_hf,ours_fed || exit 1
-# The jobs themselves (SFT with greedy eval, PPO, eval) on the quickstart's task, cut short.
+# The figures first (the 2026-11-30 run ran out of device time before the PPO step).
+step gen_1b 150 $PY benchmarks/generation.py --preset $BIG $GEN --engines cache,hf
+step ppo_1b 240 $PY benchmarks/ppo_step.py --preset $BIG $PPO --lengths synthetic --prompt-lengths synthetic
+step decode_overhead 90 $PY benchmarks/decode_overhead.py --repeats 3
+step gen_7b 180 $PY benchmarks/generation.py --preset $HUGE ${GEN/--batch 64/--batch 32} --engines cache,hf
+# The jobs themselves (SFT with greedy eval, PPO, eval) on the quickstart's task, cut short
+# (ran end to end on 2026-11-30).
 step demo 150 $PY -m megatron_reft demo --out "$OUT/demo_run" trainer.epochs=2 optim.planned_epochs=2 \
   'trainer.keep_epochs=[2]' data.synthetic_train_items=256 data.synthetic_eval_items=32 \
   --ppo trainer.max_steps=2 trainer.eval_interval=2 trainer.save_interval=2 ppo.rollout_batch_size=32
 cat "$OUT/demo_run/summary.json" >> "$LOG" 2>/dev/null; rm -rf "$OUT/demo_run"  # at most 8 files come back
-step decode_overhead 90 $PY benchmarks/decode_overhead.py --repeats 3
-step gen_1b 150 $PY benchmarks/generation.py --preset $BIG $GEN --engines cache,hf
-step ppo_1b 240 $PY benchmarks/ppo_step.py --preset $BIG $PPO --lengths synthetic --prompt-lengths synthetic
-step gen_7b 180 $PY benchmarks/generation.py --preset $HUGE ${GEN/--batch 64/--batch 32} --engines cache,hf
 step sweep_1b 600 $PY benchmarks/ppo_step.py --sweep --preset $BIG $SWEEP --micro-batch 16 \
   --lengths synthetic --prompt-lengths synthetic
 $PY - "$OUT" <<'EOF'
