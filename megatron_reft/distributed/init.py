@@ -79,9 +79,10 @@ def seed_everything(seed: int) -> None:
 
 
 def start_process_group(timeout_minutes: float = 10.0) -> LaunchEnv:
-    """Join the job's torch.distributed world (torchrun, Slurm or a plain `python`): NCCL for
-    GPU tensors (gloo for host tensors beside it), gloo on CPU (after installing the CPU compatibility layer). Shared by `initialize`
-    and the split actor/critic world (distributed/roles.py)."""
+    """Join the job's torch.distributed world (torchrun, Slurm or a plain `python`): on GPUs
+    NCCL for device tensors and gloo beside it for host tensors, on CPU gloo (after installing
+    the CPU compatibility layer). Shared by `initialize` and the split actor/critic world
+    (distributed/roles.py)."""
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_compat.install()

@@ -151,11 +151,8 @@ def rope_cached_self_attention():
                     inference_context, query, key, value, None, *args, **kwargs)
                 return query, key, value, None, mask_type, block_table
             rows = getattr(inference_context, "row_positions", None)
-            if rows is not None and key.size(0) == 1:  # [b] positions -> [1, b, 1, dim] angles
-                k_pos_emb = q_pos_emb = k_pos_emb[rows].transpose(0, 1)
-            else:
-                q_pos_emb = q_pos_emb[start:start + query.size(0)]
-                k_pos_emb = k_pos_emb[start:start + key.size(0)]
+            q_pos_emb = _new_angles(q_pos_emb, rows, start, query.size(0))
+            k_pos_emb = _new_angles(k_pos_emb, rows, start, key.size(0))
             key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config,
                                        mscale=_yarn_get_concentration_factor_from_config(self.config),
                                        cp_group=self.pg_collection.cp)
@@ -182,15 +179,21 @@ def rope_cached_self_attention():
             cached = getattr(inference_context, "_reft_rotation", None)
             if cached is not None and cached[0] is pos_emb and cached[1] is rows and cached[2] == key:
                 return cached[3]
-            if rows is not None and length == 1:  # [b] positions -> [1, b, 1, dim] angles
-                freqs = pos_emb[rows].transpose(0, 1)
-            else:
-                freqs = pos_emb[start:start + length]
+            freqs = _new_angles(pos_emb, rows, start, length)
             rotation = ((torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
             inference_context._reft_rotation = (pos_emb, rows, key, rotation)
             return rotation
 
     return RopeCachedSelfAttention
+
+
+def _new_angles(pos_emb: torch.Tensor, rows, start: int, length: int) -> torch.Tensor:
+    """RoPE angles of the tokens a step feeds: each row's own position for a one-token step
+    with per-row positions (`row_positions` [b] -> [1, b, 1, dim]), else the cache slots
+    [start, start + length)."""
+    if rows is not None and length == 1:
+        return pos_emb[rows].transpose(0, 1)
+    return pos_emb[start:start + length]
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
