@@ -10,8 +10,10 @@
 - torch's fused Adam kernel on CPU (engine.fuse_cpu_adam) against the per-tensor loop;
 - oneDNN's output-layer matmul on CPU (models/output_projection.py) against megatron's layer:
   log-probs, PPO loss and gradients (untied and tied output weights), cached decoding;
-- the no-grad linears (models/inference_linear.py) and the once-per-step RoPE of decoding
-  (sdpa_attention._rotate / _step_rotation) against megatron's, bit for bit (TP = 1 and 2).
+- the no-grad linears (models/inference_linear.py), the once-per-step RoPE of decoding
+  (sdpa_attention._rotate / _step_rotation) and the lean layer forward of generation
+  (models/inference_layer.py) against megatron's, bit for bit (TP = 1 and 2; the layer at every
+  layout, llama and OPT).
 
 at TP{1,2} × PP{1,2} (one spawned job per layout; tiny llama with GQA, vocabulary 200). With
 PP = 2 the token-budget plan has several shapes, so the engine runs several pipeline schedule
@@ -566,3 +568,79 @@ def test_step_rotation_is_shared_within_a_step_and_never_reused_across_steps():
     other_table = table + 1.0
     context.row_positions = None
     assert torch.equal(step_rotation(context, other_table, 4, 1, torch.float32)[0], fresh(other_table[4:5])[0])
+
+
+def _lean_layer_worker(rank, world, tp, pp):
+    """The same engine with the lean layer forward on and off (`_reft_lean`, the per-layer switch
+    `inference_layer._lean_layer` caches): cached prefill + decode logits, sampled tokens with
+    their log-probs and values, continuous batching (per-row RoPE positions, padding masks)."""
+    torch.set_num_threads(1)
+    import megatron_reft.models.inference_layer as inference_layer
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engine import Engine
+    from megatron_reft.generation import SamplingParams, generate
+    from megatron_reft.models.families import model_config_from_preset
+
+    initialize(tp, pp, seed=5)
+    calls = [0]
+    lean_attention = inference_layer._attention
+
+    def counted(*args):
+        calls[0] += 1
+        return lean_attention(*args)
+
+    inference_layer._attention = counted
+    tokens = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(4))
+    sample = SamplingParams(max_new_tokens=7, max_total_length=20)
+    out = {}
+    for preset in ("tiny-llama", "tiny-opt"):  # RoPE + GQA + SwiGLU; learned positions + biases + GELU
+        engine = Engine(model_config_from_preset(preset, vocab_size=200), with_value_head=True)
+        engine.init_from_scratch(11)
+        _nonzero_biases(engine.gpt)
+        layers = engine.gpt.decoder.layers
+        assert all(isinstance(layer, inference_layer.InferenceTransformerLayer) for layer in layers)
+        # llama twice: RoPE applied as keys enter the cache (the fast path), and megatron's own
+        # RoPE calls (`_plain_rope` off, as with fused or interleaved RoPE): the query is then
+        # rotated in the layer's forward
+        for rope in ("cached", "megatron") if preset == "tiny-llama" else ("none",):
+            for layer in layers if rope == "megatron" else ():
+                layer.self_attention._plain_rope = lambda: False
+            for lean in (True, False):
+                for layer in layers:
+                    layer._reft_lean = lean
+                calls[0] = 0
+                sampled = generate(engine, PROMPTS, eos_id=1, params=sample, seed=3, return_logprobs=True)
+                continuous = generate(engine, PROMPTS, eos_id=1, params=sample, seed=3, slots=4)
+                out[(preset, rope, lean)] = {"cached": _cached_logits(engine, tokens, 4), "tokens": sampled.tokens,
+                                             "logprobs": sampled.logprobs, "values": sampled.values,
+                                             "continuous": continuous.tokens, "lean_calls": calls[0]}
+    shutdown()
+    return out
+
+
+def _nonzero_biases(gpt) -> None:
+    """Biases start at zero; give them values (the same on every rank that holds a copy: seeded
+    by name) so that the order of the bias and residual additions is visible."""
+    import zlib
+
+    with torch.no_grad():
+        for pname, param in gpt.named_parameters():
+            if pname.endswith("bias"):
+                g = torch.Generator().manual_seed(zlib.crc32(pname.encode()))
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_lean_layer_forward_equals_megatron_layer_bit_for_bit(name):
+    """models/inference_layer.py: generation through the lean layer forward gives megatron's
+    layer's numbers exactly (same ops, same order), on every layout and both families."""
+    tp, pp, world = LAYOUTS[name]
+    for r in run_distributed(_lean_layer_worker, world, tp, pp, init_process_group=False, timeout_s=300):
+        for preset, rope in (("tiny-llama", "cached"), ("tiny-llama", "megatron"), ("tiny-opt", "none")):
+            lean, megatron = r[(preset, rope, True)], r[(preset, rope, False)]
+            assert lean["lean_calls"] > 0 and megatron["lean_calls"] == 0  # each path was taken
+            assert (lean["cached"] is None) == (megatron["cached"] is None)
+            if lean["cached"] is not None:
+                assert torch.equal(lean["cached"], megatron["cached"]), (preset, rope)
+            for key in ("tokens", "continuous", "logprobs", "values"):
+                assert lean[key] == megatron[key], (preset, rope, key)

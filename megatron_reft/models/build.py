@@ -50,6 +50,10 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = 
         # Linears without autograd wrappers when no gradient is recorded (decode, log-prob passes)
         attention_parts.linear_qkv = mlp_parts.linear_fc1 = InferenceColumnParallelLinear
         attention_parts.linear_proj = mlp_parts.linear_fc2 = InferenceRowParallelLinear
+        # ... and a layer forward without megatron's training-time branches for generation
+        from megatron_reft.models.inference_layer import InferenceTransformerLayer
+
+        spec.module = InferenceTransformerLayer
         if model.family == "llama":  # RoPE: rotate each key once, as it enters the KV cache
             from megatron_reft.models.sdpa_attention import rope_cached_self_attention
 
