@@ -515,3 +515,46 @@ def test_response_limits_and_prompt_checks():
         response_limits([[1] * 10], SamplingParams(max_new_tokens=100), max_positions=50)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0.0)
+
+
+def test_batch_bookkeeping_reads_the_device_once_per_step_and_tracks_own_slots():
+    """_Batch.accept writes without boolean indexing (non-choosing rows write their own token
+    back); step_finished brings the running count and the diverged count in one read; the
+    cached 'some row starts past slot 0' flag follows compaction."""
+    from megatron_reft.generation.generate import _Batch
+    from megatron_reft.generation.sampling import NO_TOKEN
+    from megatron_reft.reliability.errors import NonFiniteError
+
+    batch = _Batch([[5, 6], [7, 8, 9], [4]], [3, 3, 3], eos_id=2, stops_at_eos=True, device="cpu")
+    assert not batch.rows_at_own_slots()
+    batch.start[batch.active] = torch.tensor([1, 0, 2])
+    batch.moved()
+    assert batch.rows_at_own_slots()
+    # slot 3: local slots 2, 3, 1 — row 0 past its prompt (chooses), row 1 at its prompt's end
+    # (chooses), row 2 at local 1 = its prompt length (chooses; EOS)
+    batch.accept(torch.tensor([11, 12, 2]), 3)
+    assert batch.tokens[0, :3].tolist() == [5, 6, 11] and batch.tokens[1, :4].tolist() == [7, 8, 9, 12]
+    assert batch.tokens[2, :2].tolist() == [4, 2] and batch.generated.tolist() == [1, 1, 1]
+    assert not batch.step_finished() and batch.running == 2 and batch.hit_eos.tolist() == [False, False, True]
+    # slot 4: row 2 is finished, so it does not choose: its slot keeps its token, NO_TOKEN is not counted
+    batch.accept(torch.tensor([13, 14, NO_TOKEN]), 4)
+    assert batch.tokens[2, :3].tolist() == [4, 2, 0] and batch.generated.tolist() == [2, 2, 1]
+    assert not batch.step_finished()
+    batch.done[1] = True
+    batch.accept(torch.tensor([NO_TOKEN, 0, 0]), 5)  # a choosing row drew from non-finite logits
+    with pytest.raises(NonFiniteError, match="1 of 1 sequences at position 5"):
+        batch.step_finished()
+    # compaction: rows 1 and 2 done, row 0 (start 1) alone — then row 1 (start 0) alone
+    batch.done[0] = False
+    batch._step = (5, torch.tensor(1), torch.tensor(0))
+    assert not batch.step_finished() and batch.running == 1
+    batch.compact(None, 5)
+    assert batch.n == 1 and batch.active.tolist() == [0] and batch.rows_at_own_slots()
+    batch.start[0] = 0
+    batch.done[:] = torch.tensor([True, False, True])
+    batch.rows, batch.n = torch.arange(3), 3
+    batch.moved()
+    assert batch.rows_at_own_slots()  # row 2 still starts at 2
+    assert not batch.step_finished() and batch.running == 1
+    batch.compact(None, 5)
+    assert batch.active.tolist() == [1] and not batch.rows_at_own_slots()

@@ -60,6 +60,7 @@ def admit_waiting(stage, batch, slot: int, context) -> None:
     batch.rows[torch.tensor(rows, device=batch.rows.device)] = take_t
     batch.start[take_t] = slot - batch.lens[take_t]
     batch.n = max(batch.n, max(rows) + 1)
+    batch.moved()
 
 
 def _prefill_rows(stage, batch, seqs: list[int], rows: list[int], slot: int, context) -> None:
@@ -123,6 +124,7 @@ def right_align_prompts(stage, batch, context) -> int:
     slot = int(batch.lens[seqs].max())
     _prefill_rows(stage, batch, seqs.tolist(), list(range(batch.n)), slot, context)
     batch.start[seqs] = slot - batch.lens[seqs]
+    batch.moved()
     return slot
 
 
@@ -141,4 +143,5 @@ def shift_cache(batch, slot: int, context) -> int:
         keys[:size - shift] = keys[shift:].clone()
         values[:size - shift] = values[shift:].clone()
     batch.start[batch.rows] -= shift
+    batch.moved()
     return slot - shift

@@ -135,6 +135,8 @@ class _Batch:
         self.row_steps = 0  # rows computed, summed over decode steps
         self.slot_steps = 0  # cache rows available, summed over decode steps
         self.eos_id, self.stops_at_eos = eos_id, stops_at_eos
+        self._own_slots = None  # rows_at_own_slots, cached
+        self.running = self.n  # rows not finished, as of the last step_finished
 
     @property
     def active(self) -> torch.Tensor:
@@ -152,41 +154,61 @@ class _Batch:
 
     def accept(self, sampled: torch.Tensor, slot: int, scores: torch.Tensor | None = None) -> None:
         """Token choice (and its scores) for cache slot `slot` of the active rows; rows still in
-        their prompt keep theirs."""
+        their prompt, or finished, keep theirs. Written without boolean indexing, whose result
+        size the host must read (on a GPU, a wait for the whole queue per use): every active row
+        writes, a row that does not choose writes its own token back. Non-finite logits are
+        counted here and reported by `step_finished`, the step's one read."""
         rows, local = self.active, self.local(slot)
         writing = self.choosing(slot)
-        rows, tok, local = rows[writing], sampled[writing], local[writing]
-        diverged = int((tok == NO_TOKEN).sum())
+        at = local.clamp(0, self.tokens.shape[1] - 1)  # non-choosing rows only: written back unchanged
+        self.tokens[rows, at] = torch.where(writing, sampled, self.tokens[rows, at])
+        if scores is not None:
+            self.scores[rows, at] = torch.where(writing[:, None], scores, self.scores[rows, at])
+        self.generated[rows] += writing
+        eos = writing & (sampled == self.eos_id) if self.stops_at_eos else torch.zeros_like(writing)
+        self.hit_eos[rows] |= eos
+        self.done[rows] |= eos | (writing & (local + 1 >= self.ends[rows]))
+        self._step = (slot, writing.sum(), (writing & (sampled == NO_TOKEN)).sum())
+
+    def step_finished(self) -> bool:
+        """After `accept`: whether every sequence is finished — the decode step's one read of
+        device values, which also brings the number of rows still running (for `compact`) and
+        raises on non-finite logits."""
+        slot, chose, diverged = self._step
+        status = torch.stack([self.done.all().long(), (~self.done[self.active]).sum(), chose, diverged]).tolist()
+        finished, self.running, chose, diverged = status
         if diverged:
             raise NonFiniteError(f"generation: the policy's next-token logits are not finite (NaN or inf) for "
-                                 f"{diverged} of {len(tok)} sequences at position {slot}: "
+                                 f"{diverged} of {chose} sequences at position {slot}: "
                                  "its weights or activations diverged")
-        self.tokens[rows, local] = tok
-        if scores is not None:
-            self.scores[rows, local] = scores[writing]
-        self.generated[rows] += 1
-        eos = (tok == self.eos_id) & self.stops_at_eos
-        self.hit_eos[rows] |= eos
-        self.done[rows] |= eos | (local + 1 >= self.ends[rows])
+        return bool(finished)
 
-    def all_done(self) -> bool:
-        return bool(self.done.all())
+    def rows_at_own_slots(self) -> bool:
+        """Whether an active row starts past cache slot 0 (prompts right-aligned, or admitted
+        later). Cached until rows or starts change (`moved`): reading it is a GPU sync."""
+        if self._own_slots is None:
+            self._own_slots = bool(self.start[self.active].any())
+        return self._own_slots
+
+    def moved(self) -> None:
+        """Rows or their start slots changed."""
+        self._own_slots = None
 
     def compact(self, context, filled: int) -> None:
         """Move still-running rows to the front of the batch (and of the KV cache, whose slots
-        [0, filled) hold keys)."""
+        [0, filled) hold keys). `self.running`: from this step's `step_finished`."""
         if self.waiting:  # continuous batching refills finished rows in place instead
             return
-        keep = ~self.done[self.active]
-        n_keep = int(keep.sum())
-        if n_keep >= COMPACT_WHEN_ACTIVE_BELOW * self.n:
+        if self.running >= COMPACT_WHEN_ACTIVE_BELOW * self.n:
             return
+        keep = ~self.done[self.active]
         kept = keep.nonzero()[:, 0]
         order = torch.cat([kept, (~keep).nonzero()[:, 0],
                            torch.arange(self.n, len(self.rows), device=keep.device)])
         if context is not None and context.key_value_memory_dict:
             move_cache_rows_to_front(context, kept, filled)
-        self.rows, self.n = self.rows[order], n_keep
+        self.rows, self.n = self.rows[order], self.running
+        self.moved()
 
     def output(self, seconds: float, with_values: bool = False) -> GenerationOutput:
         lens, counts = self.lens.tolist(), self.generated.tolist()
@@ -277,6 +299,7 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     elif aligned:  # the same layout recomputed: same draws per step as the cached engine
         slot = int(lens.max())
         batch.start[batch.active] = slot - lens
+        batch.moved()
         logits = _forward(stage, batch, 0, slot, None)
     else:
         slot = int(lens.min())
@@ -295,7 +318,7 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
             batch.accept(sampled, slot, scores)
         slot += 1
         bar.update(1)
-        if batch.all_done():
+        if batch.step_finished():
             break
         batch.compact(context, slot)
         if continuous:
@@ -330,8 +353,7 @@ def _aligning(stage: StageRunner, lens: torch.Tensor, limits: torch.Tensor, requ
 def _forward(stage: StageRunner, batch: _Batch, begin: int, end: int, context):
     """Feed cache slots [begin, end) of the active rows (begin > 0 only with a cache holding the rest)."""
     rows = batch.active
-    starts = batch.start[rows]
-    if bool(starts.any()):  # right-aligned prompts or continuous batching: each row at its own slot
+    if batch.rows_at_own_slots():  # right-aligned prompts or continuous batching: each row at its own slot
         if context is None:
             return _recompute_own_slots(stage, batch, end)
         if begin > 0:

@@ -64,10 +64,11 @@ class StageRunner:
             return None
         last = hidden[-1:]  # [1, b, h]: the position that predicts the next token
         self.last_hidden = last  # post final norm: what the training forward's value head reads
-        if choosing is not None and not bool(choosing.any()):  # e.g. a prefill whose tokens all follow
+        chosen_rows = batch if choosing is None else int(choosing.sum())  # one read, not any() and all()
+        if chosen_rows == 0:  # e.g. a prefill whose tokens all follow
             return last.new_zeros(batch, self.true_vocab, dtype=torch.float32)
         weight = self.gpt.output_weight()
-        if choosing is not None and not bool(choosing.all()):
+        if chosen_rows < batch:
             chosen = vocab_logits(self.gpt.output_layer, last[:, choosing], weight, gather_output=True)
             logits = chosen.new_zeros(1, batch, chosen.shape[-1])
             logits[:, choosing] = chosen
