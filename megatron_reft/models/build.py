@@ -3,8 +3,9 @@
 The layer spec is chosen like megatron-core intends: Transformer Engine's when it imports,
 the local (pure PyTorch) spec otherwise — model code is the same either way. In the local spec
 `attention="sdpa"` (the default) takes torch's fused attention kernel without a mask tensor
-(models/sdpa_attention.py) and linears that skip megatron's autograd wrappers when no gradient
-is recorded (models/inference_linear.py); `"megatron"` keeps megatron's own submodules
+(models/sdpa_attention.py), linears that skip megatron's autograd wrappers when no gradient
+is recorded (models/inference_linear.py) and a layer whose generation forward skips megatron's
+training-time branches (models/inference_layer.py); `"megatron"` keeps megatron's own modules
 (`baddbmm` + masked softmax).
 """
 from __future__ import annotations
