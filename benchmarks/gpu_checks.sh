@@ -76,6 +76,10 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     if "speedup_vs_reference_hf" in r:
         print(f.name, "ours/ref step x", round(r["speedup_vs_reference_hf"]["median"], 3),
               {k: v for k, v in r["speedup_vs_reference_hf"].items() if not k.endswith("_cpu")})
+        for method in ("ours", "reference_hf"):
+            if "mfu_of_spec" in r.get(method, {}):
+                print(" ", method, "MFU of spec", r[method]["mfu_of_spec"], "share of matmul rate",
+                      r[method]["share_of_matmul_rate"])
     if "cache" in r:
         print(f.name, "tok/s cache", round(r["cache"]["tokens_per_s"]), "hf", round(r.get("hf", {}).get("tokens_per_s", 0)),
               "decode", {k: r.get("decode", {}).get(k) for k in ("decode_step_ms", "fraction_of_spec_bandwidth")})

@@ -28,7 +28,9 @@ repeats; medians; ratios are medians of per-repeat ratios.
     python benchmarks/ppo_step.py [--preset cpu-small|quickstart] [--batch 32] [--new-tokens 64]
     python benchmarks/ppo_step.py --sweep --batches 8,32 --lengths-sweep 32,64   # scaling table
 
-Prints JSON. On a GPU (auto-detected) it uses bf16 and CUDA; on CPU fp32 with --threads
+Prints JSON: per method and phase, needed FLOP/s as a share of the device's measured matmul rate
+(`share_of_matmul_rate`) and, on an A100/H100/H200, MFU against the datasheet bf16 peak
+(`mfu_of_spec`). On a GPU (auto-detected) it uses bf16 and CUDA; on CPU fp32 with --threads
 (`--dtype bf16` runs both methods in bf16 on CPU too). By default the reference gets the whole
 rollout batch on one device, the setting most favourable to it; `--reference-micro-batch 4` runs
 it as its authors do, 4 prompts per device (../shared/reference/measuring.md).
@@ -52,6 +54,8 @@ import generation as genbench  # noqa: E402  (shared helpers: model shapes, HF w
 QUICKSTART = dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                   ffn_hidden_size=384, vocab_size=384, max_position_embeddings=1024)
 METHODS = ("ours", "ours_before", "reference_hf")  # the default; also: ours_fed, ours_aligned
+# Dense bf16 matmul peak by the datasheets (shared/reference/measuring.md), for MFU "of spec".
+BF16_SPEC_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 def parse_args(argv=None):
@@ -198,6 +202,14 @@ def needed_flops(model, prompt_lengths: list[int], response_lengths: list[int]) 
                   for p, r in zip(prompt_lengths, response_lengths))
     return {"generation": forward, "logprobs_policy": forward, "logprobs_reference": forward,
             "update": 2 * 3 * forward}  # two updates, forward + backward each
+
+
+def spec_flops(device) -> float | None:
+    """The GPU's datasheet dense bf16 peak (None on a CPU or an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_SPEC_FLOPS.items() if k in name), None)
 
 
 def run_dtype(args) -> torch.dtype:
@@ -446,6 +458,12 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
         result[name]["share_of_matmul_rate"] = {  # a phase that did not run (captured log-probs): None
             k: round(f / seconds[k] / (result["matmul_gflops"] * 1e9), 3) if seconds[k] > 1e-3 else None
             for k, f in flops.items()}
+        spec = spec_flops(device)
+        if spec:  # MFU against the datasheet peak: per phase, and the step's phases that ran
+            ran = sum(f for k, f in flops.items() if seconds[k] > 1e-3)  # old log-probs from the rollout: none
+            result[name]["mfu_of_spec"] = {
+                "step": round(ran / median / spec, 4),
+                **{k: round(f / seconds[k] / spec, 4) if seconds[k] > 1e-3 else None for k, f in flops.items()}}
     if "ours" in phases:
         for other in (m for m in phases if m != "ours"):
             ratios = [b / a for a, b in zip(step["ours"], step[other])]
