@@ -313,3 +313,23 @@ def test_poisoned_gradient_skips_the_step_and_nonfinite_weights_are_not_saved(tm
     assert taken_ok is True and changed  # the next, clean step trains
     assert refused.startswith("refusing to save step_1: the model holds non-finite weights")
     assert not (tmp_path / "step_1").exists() and not (tmp_path / "step_1.tmp").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_finds_one_bad_entry_anywhere(dtype):
+    """reliability/numerics._tensors_finite reads only each tensor's min and max: one NaN, +inf
+    or -inf anywhere (SIMD lanes, the tail past the last full vector, a 0-d tensor) must still
+    be seen, and finite tensors (huge values included) must pass."""
+    from megatron_reft.reliability.numerics import _tensors_finite
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 64, 65, 4099):
+        for pos in sorted({0, n // 2, n - 1}):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                poisoned = torch.randn(n, generator=g).to(dtype)
+                poisoned[pos] = bad
+                assert not _tensors_finite([torch.ones(3, dtype=dtype), poisoned]), (n, pos, bad)
+    assert not _tensors_finite([torch.tensor(float("nan"))])
+    huge = torch.full((9,), torch.finfo(dtype).max, dtype=dtype)
+    assert _tensors_finite([huge, -huge, torch.randn(4099, generator=g).to(dtype), torch.tensor(1.0), torch.empty(0)])
+    assert _tensors_finite([])
