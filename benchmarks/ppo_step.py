@@ -385,7 +385,9 @@ def model_config(preset: str):
 
 
 def build(args):
-    """Engines (ours: SDPA; ours_before: megatron's attention) and the HF copies, same weights."""
+    """Engines (ours: SDPA; ours_before: megatron's attention, only when asked for: two more
+    models and an optimizer, which at llama-1b on a GPU cost more set-up time than a repeat) and
+    the HF copies, same weights."""
     from megatron_reft.distributed.init import initialize
     from megatron_reft.engine import Engine, OptimSettings
 
@@ -394,7 +396,9 @@ def build(args):
     dtype = run_dtype(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engines = {}
-    for name, attention in (("ours", "sdpa"), ("ours_before", "megatron")):
+    wanted = [("ours", "sdpa")] + ([("ours_before", "megatron")] if "ours_before" in args.methods.split(",")
+                                   and not args.sweep else [])
+    for name, attention in wanted:
         policy = Engine(model, dtype=dtype, with_value_head=True, optim=OptimSettings(lr=1e-6), attention=attention)
         reference = Engine(model, dtype=dtype, attention=attention)
         policy.score_masked_only = reference.score_masked_only = name == "ours"
