@@ -528,13 +528,17 @@ def test_inference_linears_equal_megatron_bit_for_bit(world):
 def test_rotate_equals_megatron_rope_bit_for_bit(dtype, rot_dim):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from megatron_reft.models.sdpa_attention import _rotate
+    from megatron_reft.models.sdpa_attention import _rotate, _rotate_both
 
     g = torch.Generator().manual_seed(rot_dim)
     t = torch.randn(3, 2, 4, 8, generator=g).to(dtype)
     freqs = torch.randn(3, 1, 1, rot_dim, generator=g) * 3
     cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
     assert torch.equal(_rotate(t, cos, sin), _apply_rotary_pos_emb_bshd(t, freqs))
+    key = torch.randn(3, 2, 2, 8, generator=g).to(dtype)  # query and key rotated as one tensor
+    query_rotated, key_rotated = _rotate_both(t, key, cos, sin)
+    assert torch.equal(query_rotated, _apply_rotary_pos_emb_bshd(t, freqs))
+    assert torch.equal(key_rotated, _apply_rotary_pos_emb_bshd(key, freqs))
 
 
 def test_step_rotation_is_shared_within_a_step_and_never_reused_across_steps():

@@ -77,7 +77,7 @@ def _attention(attention, hidden_states, attention_mask, inference_context, rota
 
     if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
         rotary_pos_emb = (rotary_pos_emb,) * 2
-    query, key, value = attention.get_query_key_value_tensors(hidden_states)
+    query, key, value = _query_key_value(attention, hidden_states)
     query, key, value, rotary_pos_emb, mask_type, _ = attention._adjust_key_value_for_inference(
         inference_context, query, key, value, rotary_pos_emb, None, None, None, sequence_len_offset)
     if rotary_pos_emb is not None:
@@ -91,6 +91,23 @@ def _attention(attention, hidden_states, attention_mask, inference_context, rota
                                        cp_group=attention.pg_collection.cp)
     context = attention.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
     return attention.linear_proj(context)
+
+
+def _query_key_value(attention, hidden_states):
+    """megatron's `get_query_key_value_tensors` (no output gate) where each TP rank holds whole
+    query groups and Q/K norms are identities: the QKV projection viewed as [sq, b, groups,
+    (heads per group + 2) · head dim] and split into views — the same tensors, without its
+    general-case branches; anything else is megatron's own function."""
+    plain = lambda norm: norm is None or isinstance(norm, IdentityOp)
+    if (attention.config.num_query_groups < attention.world_size
+            or not plain(attention.q_layernorm) or not plain(attention.k_layernorm)):
+        return attention.get_query_key_value_tensors(hidden_states)
+    mixed, _ = attention.linear_qkv(hidden_states)
+    groups, head_dim = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head
+    per_group = attention.num_attention_heads_per_partition // groups
+    mixed = mixed.view(*mixed.shape[:-1], groups, (per_group + 2) * head_dim)
+    query, key, value = torch.split(mixed, [per_group * head_dim, head_dim, head_dim], dim=3)
+    return query.reshape(query.size(0), query.size(1), -1, head_dim), key, value
 
 
 def _bias_add_residual(output_with_bias, residual):

@@ -146,7 +146,7 @@ def rope_cached_self_attention():
                 # The new tokens' queries and keys share positions: one (cos, sin) for both, and
                 # for every layer of this step (megatron computes them per call, twice a layer).
                 cos, sin = self._step_rotation(inference_context, k_pos_emb, start, key.size(0), key.dtype)
-                query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+                query, key = _rotate_both(query, key, cos, sin)
                 query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
                     inference_context, query, key, value, None, *args, **kwargs)
                 return query, key, value, None, mask_type, block_table
@@ -194,6 +194,14 @@ def _new_angles(pos_emb: torch.Tensor, rows, start: int, length: int) -> torch.T
     if rows is not None and length == 1:
         return pos_emb[rows].transpose(0, 1)
     return pos_emb[start:start + length]
+
+
+def _rotate_both(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`_rotate` of the query and the key at the same positions ([s, b, heads | groups, dim]) as
+    one tensor: half the ops of a decode step's RoPE, each element computed as it is alone."""
+    heads = query.size(2)
+    rotated = _rotate(torch.cat((query, key), dim=2), cos, sin)
+    return rotated[:, :, :heads], rotated[:, :, heads:]
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
