@@ -11,7 +11,8 @@ those features is on, the forward is the same short sequence of megatron's own s
     residual = h;  h = attention(input_layernorm(h)) (+ bias) + residual
     residual = h;  h = mlp(pre_mlp_layernorm(h)) (+ bias) + residual
 
-with the attention as megatron's own query/key/value split (`get_query_key_value_tensors`), the
+with the attention as the QKV projection split into views as megatron splits it (its own
+`get_query_key_value_tensors` where a TP rank holds part of a query group or Q/K norms are on), the
 KV-cache update (`_adjust_key_value_for_inference`, ours in models/sdpa_attention.py), RoPE on
 the query when the cache step left it to the forward, `core_attention` and `linear_proj`. The ops
 and their order are megatron's, so the outputs are bit-identical (tests/test_speed_paths.py);
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_reft.models.sdpa_attention import megatron_rope
 
 
 def _lean_layer(layer: TransformerLayer) -> bool:
@@ -40,6 +43,18 @@ def _lean_layer(layer: TransformerLayer) -> bool:
                   and not c.bias_dropout_fusion  # a fused kernel may round differently in bf16
                   and c.mlp_chunks_for_prefill <= 1 and not hasattr(layer, "cudagraph_manager"))
         layer._reft_lean = cached
+    return cached
+
+
+def _plain_qkv(attention) -> bool:
+    """Each TP rank holds whole query groups and the Q/K norms are identities (cached: a
+    property of the module, read at every decode step)."""
+    cached = getattr(attention, "_reft_plain_qkv", None)
+    if cached is None:
+        plain = lambda norm: norm is None or isinstance(norm, IdentityOp)
+        cached = (attention.config.num_query_groups >= attention.world_size
+                  and plain(attention.q_layernorm) and plain(attention.k_layernorm))
+        attention._reft_plain_qkv = cached
     return cached
 
 
@@ -70,11 +85,6 @@ class InferenceTransformerLayer(TransformerLayer):
 def _attention(attention, hidden_states, attention_mask, inference_context, rotary_pos_emb, sequence_len_offset):
     """megatron's `Attention.forward` for static-batching inference, split-QKV path, without
     the branches `_lean_layer` rules out."""
-    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-        _yarn_get_concentration_factor_from_config,
-    )
-
     if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
         rotary_pos_emb = (rotary_pos_emb,) * 2
     query, key, value = _query_key_value(attention, hidden_states)
@@ -82,13 +92,10 @@ def _attention(attention, hidden_states, attention_mask, inference_context, rota
         inference_context, query, key, value, rotary_pos_emb, None, None, None, sequence_len_offset)
     if rotary_pos_emb is not None:
         q_pos_emb, k_pos_emb = rotary_pos_emb
-        mscale = _yarn_get_concentration_factor_from_config(attention.config)
         if q_pos_emb is not None:
-            query = apply_rotary_pos_emb(query, q_pos_emb, config=attention.config, mscale=mscale,
-                                         cp_group=attention.pg_collection.cp)
+            query = megatron_rope(attention, query, q_pos_emb)
         if k_pos_emb is not None:
-            key = apply_rotary_pos_emb(key, k_pos_emb, config=attention.config, mscale=mscale,
-                                       cp_group=attention.pg_collection.cp)
+            key = megatron_rope(attention, key, k_pos_emb)
     context = attention.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
     return attention.linear_proj(context)
 
@@ -98,9 +105,7 @@ def _query_key_value(attention, hidden_states):
     query groups and Q/K norms are identities: the QKV projection viewed as [sq, b, groups,
     (heads per group + 2) · head dim] and split into views — the same tensors, without its
     general-case branches; anything else is megatron's own function."""
-    plain = lambda norm: norm is None or isinstance(norm, IdentityOp)
-    if (attention.config.num_query_groups < attention.world_size
-            or not plain(attention.q_layernorm) or not plain(attention.k_layernorm)):
+    if not _plain_qkv(attention):
         return attention.get_query_key_value_tensors(hidden_states)
     mixed, _ = attention.linear_qkv(hidden_states)
     groups, head_dim = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -115,10 +117,6 @@ def rope_cached_self_attention():
     Per-row positions (continuous batching, generation/continuous.py): when the context carries
     `row_positions` (one position per row for a one-token step), the new key and the query of each
     row are rotated by that row's own position instead of the cache slot."""
-    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-        _yarn_get_concentration_factor_from_config,
-    )
     from megatron.core.transformer.attention import SelfAttention
 
     class RopeCachedSelfAttention(SelfAttention):
@@ -153,9 +151,7 @@ def rope_cached_self_attention():
             rows = getattr(inference_context, "row_positions", None)
             q_pos_emb = _new_angles(q_pos_emb, rows, start, query.size(0))
             k_pos_emb = _new_angles(k_pos_emb, rows, start, key.size(0))
-            key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config,
-                                       mscale=_yarn_get_concentration_factor_from_config(self.config),
-                                       cp_group=self.pg_collection.cp)
+            key = megatron_rope(self, key, k_pos_emb)
             query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
                 inference_context, query, key, value, None, *args, **kwargs)
             # The key is rotated already: forward rotates only the query (k_pos_emb None).
@@ -185,6 +181,13 @@ def rope_cached_self_attention():
             return rotation
 
     return RopeCachedSelfAttention
+
+
+def megatron_rope(attention, t: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+    """`t` rotated by megatron's own RoPE as `Attention.forward` applies it (static batching)."""
+    return apply_rotary_pos_emb(t, pos_emb, config=attention.config,
+                                mscale=_yarn_get_concentration_factor_from_config(attention.config),
+                                cp_group=attention.pg_collection.cp)
 
 
 def _new_angles(pos_emb: torch.Tensor, rows, start: int, length: int) -> torch.Tensor:
