@@ -4,7 +4,11 @@ process. Prints one JSON object.
 
     python benchmarks/generation.py                       # CPU default: small llama, batch 32
     python benchmarks/generation.py --preset llama-1b --prompt-len 128 --new-tokens 256 \
-        --engines cache,hf                                # on a GPU (picked automatically)
+        --engines cache,graph,hf                          # on a GPU (picked automatically)
+
+`graph` is the cached engine with `static_decode=True` (generation/static_step.py): decode steps
+at fixed shapes, replayed as CUDA graphs on a GPU (eager on CPU, where it only costs: it attends
+over the whole cache).
 
 Engines run interleaved (A B C A B C …) after a warm-up; figures are medians over repeats,
 ratios are medians of per-repeat ratios with min–max (shared/measuring.md). On a GPU the
@@ -99,8 +103,9 @@ def engines(engine, hf, prompts, args, device):
                             max_total_length=args.prompt_len + args.new_tokens + 1)
     ids = torch.tensor(prompts, device=device)
 
-    def ours(use_cache):
-        return lambda seed: generate(engine, prompts, 0, params, seed=seed, use_cache=use_cache).num_generated_tokens
+    def ours(use_cache, static=False):
+        return lambda seed: generate(engine, prompts, 0, params, seed=seed, use_cache=use_cache,
+                                     static_decode=static).num_generated_tokens
 
     def hugging_face(seed):
         torch.manual_seed(seed)
@@ -109,7 +114,7 @@ def engines(engine, hf, prompts, args, device):
                           eos_token_id=0, pad_token_id=0)
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
-    table = {"cache": ours(True), "no_cache": ours(False), "hf": hugging_face}
+    table = {"cache": ours(True), "graph": ours(True, static=True), "no_cache": ours(False), "hf": hugging_face}
     return {name: table[name] for name in args.engines.split(",")}
 
 
@@ -173,12 +178,24 @@ def agreement(engine, hf, prompts, device, new_tokens=16) -> dict:
     return {"greedy_tokens_equal_fraction": same / (len(few) * new_tokens)}
 
 
-def decode_bandwidth(engine, prompts, args, seconds_full: float) -> dict:
+@torch.no_grad()
+def graph_agreement(engine, prompts, new_tokens=16) -> float:
+    """Fraction of greedy tokens the fixed-shape (graph) step shares with the default step."""
+    from megatron_reft.generation import SamplingParams, generate
+
+    few, params = prompts[:4], SamplingParams(max_new_tokens=new_tokens, greedy=True, ignore_eos=True)
+    a = generate(engine, few, 0, params).tokens
+    b = generate(engine, few, 0, params, static_decode=True).tokens
+    return sum(x == y for u, v in zip(a, b) for x, y in zip(u, v)) / (len(few) * new_tokens)
+
+
+def decode_bandwidth(engine, prompts, args, seconds_full: float, static: bool = False) -> dict:
     """GPU only: bytes per decode step / decode step time (from a 1-token run's time)."""
     from megatron_reft.generation import SamplingParams, generate
 
     params = SamplingParams(max_new_tokens=1, greedy=args.greedy, ignore_eos=True)
-    one = statistics.median(timed(lambda s: generate(engine, prompts, 0, params, seed=s), r)[0] for r in range(3))
+    one = statistics.median(timed(lambda s: generate(engine, prompts, 0, params, seed=s, static_decode=static), r)[0]
+                            for r in range(3))
     steps = args.new_tokens - 1
     step_s = (seconds_full - one) / steps
     m, dtype_bytes = engine.model_config, torch.finfo(engine.dtype).bits // 8
@@ -226,6 +243,11 @@ def main(argv=None):
         result.update(agreement(engine, hf, prompts, device))
     if torch.cuda.is_available() and "cache" in m["seconds"]:
         result["decode"] = decode_bandwidth(engine, prompts, args, statistics.median(m["seconds"]["cache"]))
+    if torch.cuda.is_available() and "graph" in m["seconds"]:
+        result["decode_graph"] = decode_bandwidth(engine, prompts, args, statistics.median(m["seconds"]["graph"]),
+                                                  static=True)
+    if "graph" in m["seconds"]:
+        result["graph_greedy_agreement"] = graph_agreement(engine, prompts)
     print(json.dumps(result, indent=1))
     dinit.shutdown()
 

@@ -52,9 +52,9 @@ step pytest_cuda 150 $PY -m pytest -q tests/test_cuda_paths.py tests/test_distri
   -p no:cacheprovider
 # Every path once at a tiny shape: a failure here would fail every step below, so stop.
 step smoke 240 $PY benchmarks/ppo_step.py --preset tiny-llama --batch 8 --prompt-len 16 --new-tokens 16 \
-  --repeats 1 --lengths synthetic --prompt-lengths synthetic --methods ours,ours_before,reference_hf,ours_fed || exit 1
+  --repeats 1 --lengths synthetic --prompt-lengths synthetic --methods ours,ours_before,reference_hf,ours_fed,ours_graph || exit 1
 # The figures first (the 2026-11-30 run ran out of device time before the PPO step).
-step gen_1b 150 $PY benchmarks/generation.py --preset $BIG $GEN --engines cache,hf
+step gen_1b 150 $PY benchmarks/generation.py --preset $BIG $GEN --engines cache,graph,hf
 step ppo_1b 240 $PY benchmarks/ppo_step.py --preset $BIG $PPO --lengths synthetic --prompt-lengths synthetic
 step decode_overhead 90 $PY benchmarks/decode_overhead.py --repeats 3
 step gen_7b 180 $PY benchmarks/generation.py --preset $HUGE ${GEN/--batch 64/--batch 32} --engines cache,hf
@@ -83,6 +83,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     if "cache" in r:
         print(f.name, "tok/s cache", round(r["cache"]["tokens_per_s"]), "hf", round(r.get("hf", {}).get("tokens_per_s", 0)),
               "decode", {k: r.get("decode", {}).get(k) for k in ("decode_step_ms", "fraction_of_spec_bandwidth")})
+    if "graph" in r:
+        print(f.name, "tok/s graph", round(r["graph"]["tokens_per_s"]), "greedy agreement", r.get("graph_greedy_agreement"),
+              "decode", {k: r.get("decode_graph", {}).get(k) for k in ("decode_step_ms", "fraction_of_spec_bandwidth")})
     if "ms_per_step" in r:
         print(f.name, "ms per decode step", r["ms_per_step"], "hf/ours", r["hf_over_ours"])
     if "sweep" in r:

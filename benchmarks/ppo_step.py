@@ -14,7 +14,8 @@ with today's settings (megatron's attention, full-width micro-batches in batch o
 position scored, entropy in both log-prob passes — with the fused log-prob/entropy kernel both
 share, so it understates the gain); `ours_fed` / `ours_aligned` are ours with ragged prompts
 fed one token per batched decode step (the engine's scheme before right-aligned prompts) /
-right-aligned, whatever the default rule picks. Same architecture, weights and prompts; EOS is ignored and
+right-aligned, whatever the default rule picks; `ours_graph` is ours with ppo.cuda_graph_decode
+(decode steps at fixed shapes, replayed as CUDA graphs on a GPU; eager on CPU). Same architecture, weights and prompts; EOS is ignored and
 each response instead ends at a drawn length: `--lengths fixed` gives every row `--new-tokens`,
 `--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths (synthetic
 difficulty 6: what a trained policy emits), scaled so the longest is `--new-tokens`;
@@ -53,7 +54,7 @@ import generation as genbench  # noqa: E402  (shared helpers: model shapes, HF w
 # The CPU quickstart's model (configs/demo_cpu.yaml) with the synthetic tokenizer's vocabulary.
 QUICKSTART = dict(family="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                   ffn_hidden_size=384, vocab_size=384, max_position_embeddings=1024)
-METHODS = ("ours", "ours_before", "reference_hf")  # the default; also: ours_fed, ours_aligned
+METHODS = ("ours", "ours_before", "reference_hf")  # the default; also: ours_fed, ours_aligned, ours_graph
 # Dense bf16 matmul peak by the datasheets (shared/reference/measuring.md), for MFU "of spec".
 BF16_SPEC_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -252,7 +253,8 @@ def _plan(batch, args, fast: bool):
     return micro_batches(batch, list(range(batch.size)), args.micro_batch, token_budget=budget)
 
 
-def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True, align_prompts=None):
+def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True, align_prompts=None,
+              static_decode=False):
     from megatron_reft.config import load_config
     from megatron_reft.generation import SamplingParams, generate
     from megatron_reft.rl.rollout import build_rollout_batch, gather_forward, padding_stats, rollout_outputs
@@ -266,7 +268,8 @@ def ours_step(policy, reference, prompts, lengths, scores, args, seed, fast=True
     # Each row stops at its drawn length, as it would at its EOS in a real run (the engine drops
     # finished rows); `--lengths fixed` gives every row the full length.
     out = ph("generation", lambda: generate(policy, prompts, 0, params, seed=seed, response_caps=lengths,
-                                            return_logprobs=captured, align_prompts=align_prompts))
+                                            return_logprobs=captured, align_prompts=align_prompts,
+                                            static_decode=static_decode))
     responses = [toks[:n] for toks, n in zip(out.tokens, lengths)]
     token_scores = {name: [row[:n] for row, n in zip(getattr(out, field), lengths)]
                  for name, field in (("logprobs", "logprobs"), ("entropy", "entropies"), ("values", "values"))
@@ -427,6 +430,7 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     table = {"ours": lambda s: ours("ours", s),
              "ours_fed": lambda s: ours("ours", s, align_prompts=False),
              "ours_aligned": lambda s: ours("ours", s, align_prompts=True),
+             "ours_graph": lambda s: ours("ours", s, static_decode=True),
              "ours_before": lambda s: ours("ours_before", s, fast=False),
              "reference_hf": lambda s: reference_step(*hf_parts, prompts, lengths, scores, args, s)}
     runs = {name: table[name] for name in methods}

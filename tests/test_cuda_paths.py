@@ -1,4 +1,5 @@
-"""On a CUDA GPU, one PPO step equals the same step on the CPU (skipped without a GPU).
+"""On a CUDA GPU, one PPO step equals the same step on the CPU, and decode steps replayed as CUDA
+graphs decode what the eager engine decodes (skipped without a GPU).
 
 Every job builds its batches on the host (data loaders, rollout batches) and the PPO math runs
 beside them; the engine copies each micro-batch to the model's device, and host-side statistics
@@ -92,3 +93,56 @@ def test_ppo_step_on_gpu_equals_cpu(monkeypatch):
     assert gpu["grad_norm"] == pytest.approx(cpu["grad_norm"], rel=1e-4)
     for key, value in cpu["stats"].items():
         assert gpu["stats"][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+
+
+def _captured_decode(rank, world):
+    """ppo.cuda_graph_decode on a GPU: decode steps replayed as CUDA graphs decode what the
+    eager engine decodes (greedy and sampled tokens, log-probs and values to fp32 rounding)."""
+    import warnings
+
+    torch.set_num_threads(1)
+    import megatron_reft.generation.static_step as static_step
+    from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.engine import Engine
+    from megatron_reft.generation import SamplingParams, generate
+    from megatron_reft.models.families import model_config_from_preset
+
+    initialize(1, 1, seed=5)
+    decoders = []
+    original_init = static_step.StaticDecoder.__init__
+
+    def recorded(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        decoders.append(self)
+
+    static_step.StaticDecoder.__init__ = recorded
+    prompts = [[5, 9, 14], [7, 3, 8, 22, 41, 6], [11, 12], [30, 31, 32, 33], [9, 9, 9, 9, 9], [4, 17, 2]]
+    caps = [9, 1, 8, 1, 1, 7]
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for preset in ("tiny-llama", "tiny-opt"):
+            engine = Engine(model_config_from_preset(preset, vocab_size=200), dtype=torch.float32, with_value_head=True)
+            engine.init_from_scratch(11)
+            for scheme, kwargs in (("fed", {"align_prompts": False}), ("continuous", {"slots": 3})):
+                for static in (False, True):
+                    s = generate(engine, prompts, 1, SamplingParams(max_new_tokens=9, max_total_length=20), seed=3,
+                                 static_decode=static, return_logprobs=True, response_caps=caps, **kwargs)
+                    out[(preset, scheme, static)] = (s.tokens, s.logprobs, s.values)
+    shutdown()
+    graphs = sum(step.graph is not None for d in decoders for step in d.steps.values())
+    not_captured = [str(w.message) for w in caught if "not captured" in str(w.message)]
+    return {"out": out, "graphs": graphs, "capturing": [d.capture for d in decoders], "not_captured": not_captured}
+
+
+def test_captured_decode_steps_decode_what_the_eager_engine_decodes():
+    r = run_distributed(_captured_decode, 1, init_process_group=False, timeout_s=300)[0]
+    assert not r["not_captured"] and all(r["capturing"]) and r["graphs"] >= 4, r
+    for (preset, scheme, static), (tokens, logprobs, values) in r["out"].items():
+        if not static:
+            continue
+        eager_tokens, eager_logprobs, eager_values = r["out"][(preset, scheme, False)]
+        assert tokens == eager_tokens, (preset, scheme)
+        for got, want in ((logprobs, eager_logprobs), (values, eager_values)):
+            diff = max(abs(x - y) for u, v in zip(got, want) for x, y in zip(u, v))
+            assert diff < 1e-4, (preset, scheme, diff)

@@ -40,6 +40,7 @@ from megatron_reft.generation.continuous import (admit_waiting, continuous_cache
                                                  shift_cache)
 from megatron_reft.generation.sampling import NO_TOKEN, SamplingParams, next_tokens
 from megatron_reft.generation.stages import SCORES, StageRunner
+from megatron_reft.generation.static_step import StaticDecoder, supports_static_step
 from megatron_reft.reliability.errors import NonFiniteError
 
 COMPACT_WHEN_ACTIVE_BELOW = 0.75  # fraction of the current batch still generating
@@ -225,7 +226,8 @@ class _Batch:
 def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingParams,
              seed: int | None = None, *, use_cache: bool = True, progress: bool = False,
              slots: int | None = None, response_caps: list[int] | None = None,
-             return_logprobs: bool = False, align_prompts: bool | None = None) -> GenerationOutput:
+             return_logprobs: bool = False, align_prompts: bool | None = None,
+             static_decode: bool = False) -> GenerationOutput:
     """Sample a response for every prompt with this rank's model chunk (`engine.gpt`).
 
     Call on every rank of the model-parallel group with the same prompts; every rank returns
@@ -245,6 +247,10 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     value head's output (GenerationOutput.logprobs / entropies / values).
     `align_prompts`: right-align prompts of different lengths (True), feed them a token per step
     (False), or choose by cost (None); only where the attention masks while decoding (module doc).
+    `static_decode`: decode steps at fixed shapes (generation/static_step.py), replayed as CUDA
+    graphs on a GPU with one model-parallel rank, run eagerly elsewhere; needs one pipeline stage
+    and the local SDPA layer spec. Greedy tokens equal the default step's; logits equal it to
+    rounding (attention over the whole cache).
     """
     if slots is not None and slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
@@ -262,6 +268,8 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
     gpt.eval()
     try:
         stage = StageRunner(gpt, model_cfg.vocab_size)
+        if static_decode:
+            _check_static_decode(stage, use_cache)
         if slots is not None and not stage.masks_while_decoding:
             raise ValueError("continuous batching (slots=) needs an attention that applies a padding mask "
                              "while decoding: the local layer spec's (model.use_te: false), not Transformer "
@@ -272,7 +280,8 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
         if seed is not None and stage.is_sampler:
             generator = torch.Generator(device=stage.device).manual_seed(seed)
         score_temperature = getattr(engine, "temperature", 1.0) if return_logprobs else None
-        _decode(stage, batch, params, generator, use_cache, progress, score_temperature, align_prompts)
+        _decode(stage, batch, params, generator, use_cache, progress, score_temperature, align_prompts,
+                static_decode)
     finally:
         gpt.train(was_training)
     if torch.cuda.is_available():
@@ -281,7 +290,8 @@ def generate(engine, prompts: list[list[int]], eos_id: int, params: SamplingPara
 
 
 def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator, use_cache: bool,
-            progress: bool, score_temperature: float | None = None, align_prompts: bool | None = None) -> None:
+            progress: bool, score_temperature: float | None = None, align_prompts: bool | None = None,
+            static_decode: bool = False) -> None:
     """score_temperature: not None → score every sampled token at it (return_logprobs)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -293,6 +303,10 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     else:  # right-aligned: every prompt ends at the longest prompt's last slot
         total = int(lens.max() + limits.max()) if aligned else int(batch.ends.max())
     context = StaticInferenceContext(batch.width, total) if use_cache else None
+    static = None
+    if static_decode:
+        capture = stage.device.type == "cuda" and stage.mp_size == 1
+        static = StaticDecoder(stage, context, batch.width, capture)
     if aligned and use_cache:
         slot = right_align_prompts(stage, batch, context)  # the cache slot whose token the next logits choose
         logits = _forward(stage, batch, slot - 1, slot, context)  # every row's last prompt token
@@ -324,11 +338,23 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
         if continuous:
             slot = shift_cache(batch, slot, context)
             admit_waiting(stage, batch, slot, context)
-        if use_cache:
+        if static is not None:
+            logits = static.logits(batch, slot)
+        elif use_cache:
             logits = _forward(stage, batch, slot - 1, slot, context)
         else:
             logits = _forward(stage, batch, 0, slot, None)
     bar.close()
+
+
+def _check_static_decode(stage: StageRunner, use_cache: bool) -> None:
+    if not use_cache:
+        raise ValueError("static_decode needs the KV cache (use_cache=True)")
+    if stage.pp_size > 1:
+        raise ValueError("static_decode needs one pipeline stage (pipeline_model_parallel_size 1)")
+    why = supports_static_step(stage.gpt)
+    if why is not None:
+        raise ValueError(f"static_decode {why}")
 
 
 def _aligning(stage: StageRunner, lens: torch.Tensor, limits: torch.Tensor, requested: bool | None) -> bool:

@@ -55,10 +55,12 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = 
         from megatron_reft.models.inference_layer import InferenceTransformerLayer
 
         spec.module = InferenceTransformerLayer
-        if model.family == "llama":  # RoPE: rotate each key once, as it enters the KV cache
-            from megatron_reft.models.sdpa_attention import rope_cached_self_attention
+        from megatron_reft.models.sdpa_attention import rope_cached_self_attention, static_slot_self_attention
 
-            spec.submodules.self_attention.module = rope_cached_self_attention()
+        # RoPE: rotate each key once, as it enters the KV cache. Both: the static-shape decode
+        # step's cache write (generation/static_step.py)
+        spec.submodules.self_attention.module = (rope_cached_self_attention() if model.family == "llama"
+                                                 else static_slot_self_attention())
     return spec
 
 

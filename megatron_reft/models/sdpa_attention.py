@@ -145,17 +145,19 @@ def rope_cached_self_attention():
                 # for every layer of this step (megatron computes them per call, twice a layer).
                 cos, sin = self._step_rotation(inference_context, k_pos_emb, start, key.size(0), key.dtype)
                 query, key = _rotate_both(query, key, cos, sin)
-                query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
-                    inference_context, query, key, value, None, *args, **kwargs)
-                return query, key, value, None, mask_type, block_table
-            rows = getattr(inference_context, "row_positions", None)
-            q_pos_emb = _new_angles(q_pos_emb, rows, start, query.size(0))
-            k_pos_emb = _new_angles(k_pos_emb, rows, start, key.size(0))
-            key = megatron_rope(self, key, k_pos_emb)
+                query_rotation = None
+            else:
+                rows = getattr(inference_context, "row_positions", None)
+                q_pos_emb = _new_angles(q_pos_emb, rows, start, query.size(0))
+                k_pos_emb = _new_angles(k_pos_emb, rows, start, key.size(0))
+                key = megatron_rope(self, key, k_pos_emb)
+                query_rotation = (q_pos_emb, None)  # the key is rotated already: forward rotates the query
+            if static_write_slot(inference_context) is not None:
+                key, value = write_static_slot(self, inference_context, key, value)
+                return query, key, value, query_rotation, AttnMaskType.no_mask, None
             query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
                 inference_context, query, key, value, None, *args, **kwargs)
-            # The key is rotated already: forward rotates only the query (k_pos_emb None).
-            return query, key, value, (q_pos_emb, None), mask_type, block_table
+            return query, key, value, query_rotation, mask_type, block_table
 
         def _plain_rope(self) -> bool:
             """megatron's unfused, non-interleaved RoPE on one context-parallel rank: the case
@@ -181,6 +183,44 @@ def rope_cached_self_attention():
             return rotation
 
     return RopeCachedSelfAttention
+
+
+def static_slot_self_attention():
+    """megatron's `SelfAttention` (learned positions: OPT) with the static-shape decode step's
+    cache write and read (`write_static_slot`); every other call is megatron's."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    class StaticSlotSelfAttention(SelfAttention):
+        def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                            *args, **kwargs):
+            if rotary_pos_emb is None and static_write_slot(inference_context) is not None:
+                key, value = write_static_slot(self, inference_context, key, value)
+                return query, key, value, None, AttnMaskType.no_mask, None
+            return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
+                                                           *args, **kwargs)
+
+    return StaticSlotSelfAttention
+
+
+def static_write_slot(inference_context) -> torch.Tensor | None:
+    """The cache slot of a static-shape decode step (generation/static_step.py), as a [1] tensor;
+    None for every other forward."""
+    if inference_context is None or not inference_context.is_static_batching():
+        return None
+    return getattr(inference_context, "write_slot", None)
+
+
+def write_static_slot(attention, inference_context, key: torch.Tensor, value: torch.Tensor):
+    """The static-shape decode step's KV-cache update: this step's key and value [1, b, groups,
+    dim] written at the cache slot held by the tensor `write_slot`, and the whole cache of rows
+    [0, b) returned ([slots, b, groups, dim]; the step's mask hides the slots a row may not see).
+    megatron's static path slices the cache at `sequence_len_offset`, a Python int that a
+    replayed CUDA graph would keep at its captured value; here nothing depends on the step."""
+    keys, values = inference_context.key_value_memory_dict[attention.layer_number]
+    slot, rows = inference_context.write_slot, key.size(1)
+    keys[:, :rows].index_copy_(0, slot, key)
+    values[:, :rows].index_copy_(0, slot, value)
+    return keys[:, :rows], values[:, :rows]
 
 
 def megatron_rope(attention, t: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
