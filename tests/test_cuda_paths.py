@@ -97,7 +97,8 @@ def test_ppo_step_on_gpu_equals_cpu(monkeypatch):
 
 def _captured_decode(rank, world):
     """ppo.cuda_graph_decode on a GPU: decode steps replayed as CUDA graphs decode what the
-    eager engine decodes (greedy and sampled tokens, log-probs and values to fp32 rounding)."""
+    eager engine decodes (sampled tokens, log-probs and values to fp32 rounding), with
+    megatron's RoPE table evicted from its cache before every step."""
     import warnings
 
     torch.set_num_threads(1)
@@ -116,6 +117,20 @@ def _captured_decode(rank, world):
         decoders.append(self)
 
     static_step.StaticDecoder.__init__ = recorded
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    original_logits = static_step.StaticDecoder.logits
+
+    def evicting(self, batch, end):
+        """Before every step: megatron's LRU-cached RoPE table dropped and freed blocks refilled
+        with NaN — a graph that read the table without holding it would read NaN."""
+        RotaryEmbedding.forward.cache_clear()
+        junk = [torch.full((n,), float("nan"), device="cuda") for n in (256, 1024, 4096) for _ in range(32)]
+        logits = original_logits(self, batch, end)
+        del junk
+        return logits
+
+    static_step.StaticDecoder.logits = evicting
     prompts = [[5, 9, 14], [7, 3, 8, 22, 41, 6], [11, 12], [30, 31, 32, 33], [9, 9, 9, 9, 9], [4, 17, 2]]
     caps = [9, 1, 8, 1, 1, 7]
     out = {}

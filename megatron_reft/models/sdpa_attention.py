@@ -153,6 +153,9 @@ def rope_cached_self_attention():
                 key = megatron_rope(self, key, k_pos_emb)
                 query_rotation = (q_pos_emb, None)  # the key is rotated already: forward rotates the query
             if static_write_slot(inference_context) is not None:
+                # A replayed graph reads this angle table by address; megatron keeps it in an LRU
+                # cache that other lengths (admission prefills, training passes) can evict.
+                inference_context.rope_table = rotary_pos_emb
                 key, value = write_static_slot(self, inference_context, key, value)
                 return query, key, value, query_rotation, AttnMaskType.no_mask, None
             query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
