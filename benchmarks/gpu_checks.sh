@@ -48,7 +48,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'meg
 'cuda', torch.cuda.is_available())"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step pytest_cuda 150 $PY -m pytest -q tests/test_cuda_paths.py tests/test_distributed_init.py -k "compat or cuda" \
+step pytest_cuda 200 $PY -m pytest -q tests/test_cuda_paths.py tests/test_distributed_init.py -k "compat or cuda" \
   -p no:cacheprovider
 # Every path once at a tiny shape: a failure here would fail every step below, so stop.
 step smoke 240 $PY benchmarks/ppo_step.py --preset tiny-llama --batch 8 --prompt-len 16 --new-tokens 16 \

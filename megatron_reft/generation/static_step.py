@@ -37,8 +37,7 @@ def supports_static_step(gpt) -> str | None:
     from megatron_reft.models.inference_layer import _lean_layer
 
     layers = list(gpt.decoder.layers)
-    if not all(hasattr(layer, "self_attention") and type(layer.self_attention).__name__ in
-               ("RopeCachedSelfAttention", "StaticSlotSelfAttention") for layer in layers):
+    if not all(getattr(getattr(layer, "self_attention", None), "writes_static_slot", False) for layer in layers):
         return "needs the local layer spec with SDPA attention (model.use_te: false, model.attention: sdpa)"
     if not all(_lean_layer(layer) for layer in layers):
         return "needs layers without recompute, offloading, MoE or fused bias-dropout (the lean decode forward)"

@@ -116,10 +116,16 @@ def rope_cached_self_attention():
 
     Per-row positions (continuous batching, generation/continuous.py): when the context carries
     `row_positions` (one position per row for a one-token step), the new key and the query of each
-    row are rotated by that row's own position instead of the cache slot."""
+    row are rotated by that row's own position instead of the cache slot.
+
+    The fixed-shape decode step (generation/static_step.py): when the context carries a
+    `write_slot` tensor, the rotated key and the value go to the cache through
+    `write_static_slot` instead of megatron's slicing at `sequence_len_offset`."""
     from megatron.core.transformer.attention import SelfAttention
 
     class RopeCachedSelfAttention(SelfAttention):
+        writes_static_slot = True  # generation/static_step.py may run this attention
+
         def _allocate_memory(self, max_sequence_length, batch_size, dim, dtype):
             """The static KV cache, stored batch-first ([b, groups, s, dim] in memory) and
             handed out as megatron's [s, b, groups, dim] view: every write and slice megatron
@@ -194,6 +200,8 @@ def static_slot_self_attention():
     from megatron.core.transformer.attention import SelfAttention
 
     class StaticSlotSelfAttention(SelfAttention):
+        writes_static_slot = True  # generation/static_step.py may run this attention
+
         def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                             *args, **kwargs):
             if rotary_pos_emb is None and static_write_slot(inference_context) is not None:
