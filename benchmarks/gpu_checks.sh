@@ -63,7 +63,7 @@ step gen_7b 180 $PY benchmarks/generation.py --preset $HUGE ${GEN/--batch 64/--b
 step demo 150 $PY -m megatron_reft demo --out "$OUT/demo_run" trainer.epochs=2 optim.planned_epochs=2 \
   'trainer.keep_epochs=[2]' data.synthetic_train_items=256 data.synthetic_eval_items=32 \
   --ppo trainer.max_steps=2 trainer.eval_interval=2 trainer.save_interval=2 ppo.rollout_batch_size=32 \
-  ppo.cuda_graph_decode=true
+  model.cuda_graph_decode=true
 cat "$OUT/demo_run/summary.json" >> "$LOG" 2>/dev/null; rm -rf "$OUT/demo_run"  # at most 8 files come back
 step sweep_1b 600 $PY benchmarks/ppo_step.py --sweep --preset $BIG $SWEEP --micro-batch 16 \
   --lengths synthetic --prompt-lengths synthetic

@@ -14,7 +14,7 @@ with today's settings (megatron's attention, full-width micro-batches in batch o
 position scored, entropy in both log-prob passes — with the fused log-prob/entropy kernel both
 share, so it understates the gain); `ours_fed` / `ours_aligned` are ours with ragged prompts
 fed one token per batched decode step (the engine's scheme before right-aligned prompts) /
-right-aligned, whatever the default rule picks; `ours_graph` is ours with ppo.cuda_graph_decode
+right-aligned, whatever the default rule picks; `ours_graph` is ours with model.cuda_graph_decode
 (decode steps at fixed shapes, replayed as CUDA graphs on a GPU; eager on CPU). Same architecture, weights and prompts; EOS is ignored and
 each response instead ends at a drawn length: `--lengths fixed` gives every row `--new-tokens`,
 `--lengths synthetic` a length drawn from the quickstart task's gold CoT lengths (synthetic

@@ -96,7 +96,7 @@ def test_ppo_step_on_gpu_equals_cpu(monkeypatch):
 
 
 def _captured_decode(rank, world):
-    """ppo.cuda_graph_decode on a GPU: decode steps replayed as CUDA graphs decode what the
+    """model.cuda_graph_decode on a GPU: decode steps replayed as CUDA graphs decode what the
     eager engine decodes (sampled tokens, log-probs and values to fp32 rounding), with
     megatron's RoPE table evicted from its cache before every step."""
     import warnings

@@ -169,3 +169,17 @@ def test_offline_st_data_then_reward_model_then_reranking(checkpoint, tmp_path):
     proc = _run(_eval_command(checkpoint, tmp_path / "bad" / "p.jsonl", items=4) + ["--reranker", str(checkpoint)],
                 tmp_path, expect=2)
     assert "has no classification head" in proc.stderr
+
+
+def test_eval_with_cuda_graph_decode_samples_and_predicts_as_without(checkpoint, tmp_path):
+    """model.cuda_graph_decode: the eval job's greedy and sampled decoding go through the
+    fixed-shape step (eager on CPU) and produce the same predictions and samples (fp32)."""
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / str(on) / "predictions.jsonl"
+        command = _eval_command(checkpoint, out, items=4) + [f"model.cuda_graph_decode={str(on).lower()}"]
+        line = _json_line(_run(command, tmp_path).stdout)
+        runs[on] = (line, out.read_text(), sorted(_lines(out.with_suffix(".samples")), key=lambda x: x["id"]))
+    (line_off, greedy_off, samples_off), (line_on, greedy_on, samples_on) = runs[False], runs[True]
+    assert greedy_on == greedy_off and samples_on == samples_off
+    assert (line_on["accuracy"], line_on["maj_at_k"]) == (line_off["accuracy"], line_off["maj_at_k"])

@@ -1,5 +1,5 @@
 """The fixed-shape decode step (generation/static_step.py, `generate(..., static_decode=True)`,
-`ppo.cuda_graph_decode`) decodes what the engine's own step decodes.
+`model.cuda_graph_decode`) decodes what the engine's own step decodes.
 
 On CPU the step runs eagerly — the same computation a CUDA graph replays on a GPU
 (tests/test_cuda_paths.py checks the replay). Against the default step, at TP 1 and 2, llama
@@ -160,51 +160,64 @@ def test_config_rejects_cuda_graph_decode_where_the_step_cannot_run():
     from megatron_reft.config import load_config
     from megatron_reft.config.validate import _value_errors
 
-    ok = load_config(None, ["ppo.cuda_graph_decode=true"])
+    ok = load_config(None, ["model.cuda_graph_decode=true"])
     assert not [e for e in _value_errors(ok) if "cuda_graph_decode" in e]
-    bad = load_config(None, ["ppo.cuda_graph_decode=true", "parallel.pipeline_model_parallel_size=2",
+    bad = load_config(None, ["model.cuda_graph_decode=true", "parallel.pipeline_model_parallel_size=2",
                              "model.attention=megatron"])
-    errors = [e for e in _value_errors(bad) if e.startswith("ppo.cuda_graph_decode:")]
+    errors = [e for e in _value_errors(bad) if e.startswith("model.cuda_graph_decode:")]
     assert len(errors) == 2 and "pipeline_model_parallel_size 1" in errors[0] and "SDPA" in errors[1]
 
 
 def _ppo_worker(rank, world, out_dir):
-    """Two PPO steps of the trainer (tiny CPU config) with ppo.cuda_graph_decode off and on."""
+    """Two PPO steps of the trainer (tiny CPU config) and a greedy eval with
+    model.cuda_graph_decode off and on."""
     import json
     from pathlib import Path
 
     import megatron_reft.generation.static_step as static_step
+    import megatron_reft.rl.trainer as trainer
     from megatron_reft.config import load_config
     from megatron_reft.distributed.init import shutdown
-    from megatron_reft.rl.trainer import PPOTrainer
 
     torch.set_num_threads(1)
-    steps, original = [], static_step.StaticDecoder.logits
+    steps, in_eval, original, evaluate = [], [False], static_step.StaticDecoder.logits, trainer.greedy_accuracy
 
     def counted(decoder, batch, end):
-        steps.append(end)
+        steps.append("eval" if in_eval[0] else "rollout")
         return original(decoder, batch, end)
 
-    static_step.StaticDecoder.logits = counted
+    def flagged(*args, **kwargs):
+        in_eval[0] = True
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            in_eval[0] = False
+
+    static_step.StaticDecoder.logits, trainer.greedy_accuracy = counted, flagged
     repo = Path(__file__).resolve().parents[1]
     runs = {}
     for on in (False, True):
         config = load_config(str(repo / "configs" / "tiny_cpu.yaml"), [
             f"trainer.output_dir={out_dir}/{on}", "trainer.max_steps=2", "trainer.save_interval=1000",
-            "trainer.eval_interval=1000", "trainer.progress_bar=false", "trainer.tensorboard=false",
-            "data.synthetic_train_items=16", "data.synthetic_eval_items=2", "ppo.rollout_batch_size=4",
+            "trainer.eval_interval=2", "trainer.progress_bar=false", "trainer.tensorboard=false",
+            "data.synthetic_train_items=16", "data.synthetic_eval_items=6", "ppo.rollout_batch_size=4",
             "trainer.micro_batch_size=2", "data.max_total_length=40", "optim.lr=1e-3",
-            f"ppo.cuda_graph_decode={str(on).lower()}"])
-        PPOTrainer(config).train()
+            f"model.cuda_graph_decode={str(on).lower()}"])
+        trainer.PPOTrainer(config).train()
         shutdown()
         runs[on] = [json.loads(line) for line in (Path(out_dir) / str(on) / "metrics.jsonl").read_text().splitlines()]
-    return runs[False], runs[True], len(steps)
+    return runs[False], runs[True], {kind: steps.count(kind) for kind in ("rollout", "eval")}
 
 
-def test_ppo_trainer_with_cuda_graph_decode_trains_as_without(tmp_path):
+def test_ppo_trainer_with_cuda_graph_decode_trains_and_evaluates_as_without(tmp_path):
     off, on, static_steps = run_distributed(_ppo_worker, 1, str(tmp_path), init_process_group=False,
                                             timeout_s=600)[0]
-    assert static_steps > 10 and len(off) == len(on) == 2
+    assert static_steps["rollout"] > 10 and static_steps["eval"] > 5  # both decoded through the step
+    evals = [[r for r in run if "eval_accuracy" in r] for run in (off, on)]
+    assert len(evals[0]) == len(evals[1]) >= 1
+    assert evals[1][-1]["eval_accuracy"] == evals[0][-1]["eval_accuracy"]
+    off, on = ([r for r in run if "policy_loss" in r] for run in (off, on))
+    assert len(off) == len(on) == 2
     for a, b in zip(off, on):
         assert a["response_length"] == b["response_length"] and a["reward_mean"] == b["reward_mean"]
         for key in ("policy_loss", "value_loss", "kl", "grad_norm"):

@@ -31,6 +31,9 @@ class ModelSection:
     use_te: str = "auto"  # auto: Transformer Engine spec when it imports
     attention: str = "sdpa"  # core attention of the local (non-TE) spec: sdpa | megatron
     recompute: bool = False  # full activation recomputation per layer
+    # Decode steps (rollouts, greedy and sampled eval) at fixed shapes, replayed as CUDA graphs (GPU,
+    # TP = PP = 1, local SDPA spec; eager elsewhere; needs PP = 1). Off until measured on a GPU.
+    cuda_graph_decode: bool = False
 
 
 @dataclass
@@ -142,9 +145,6 @@ class PPOSection:
     continuous_batching: bool = False  # with generation_micro_batch: one queue, finished rows refilled
     align_prompts: str = "auto"  # ragged prompts right-aligned (true) or fed a token per step (false); auto: by spread
     old_logprobs_from_rollout: bool = False  # old log-probs/entropy/values from the rollout, no policy pass
-    # Rollout decode steps at fixed shapes, replayed as CUDA graphs (GPU, TP = PP = 1, local SDPA
-    # spec; eager elsewhere, needs PP = 1). Off by default until measured on a GPU (docs/architecture.md).
-    cuda_graph_decode: bool = False
 
 
 @dataclass

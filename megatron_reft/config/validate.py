@@ -123,23 +123,23 @@ def _value_errors(config: Config) -> list[str]:
             errors.append(f"trainer.{key}: {getattr(config.trainer, key)} must be >= 0")
     if config.trainer.micro_batch_tokens is not None and config.trainer.micro_batch_tokens < 1:
         errors.append("trainer.micro_batch_tokens: must be >= 1 (or unset)")
-    if ppo.cuda_graph_decode:
+    if config.model.cuda_graph_decode:
         errors += _static_decode_errors(config)
     return errors
 
 
 def _static_decode_errors(config: Config) -> list[str]:
-    """ppo.cuda_graph_decode's fixed-shape decode step (generation/static_step.py) runs on one
+    """model.cuda_graph_decode's fixed-shape decode step (generation/static_step.py) runs on one
     pipeline stage of the local SDPA layer spec."""
     errors = []
     if config.parallel.pipeline_model_parallel_size > 1:
-        errors.append("ppo.cuda_graph_decode: needs parallel.pipeline_model_parallel_size 1 "
+        errors.append("model.cuda_graph_decode: needs parallel.pipeline_model_parallel_size 1 "
                       f"(got {config.parallel.pipeline_model_parallel_size})")
     from megatron_reft.models.build import te_available
 
     use_te = str(config.model.use_te).lower()
     if use_te == "true" or (use_te == "auto" and te_available()) or str(config.model.attention).lower() != "sdpa":
-        errors.append("ppo.cuda_graph_decode: needs the local SDPA layer spec (model.use_te: false or auto "
+        errors.append("model.cuda_graph_decode: needs the local SDPA layer spec (model.use_te: false or auto "
                       "without Transformer Engine, model.attention: sdpa)")
     return errors
 

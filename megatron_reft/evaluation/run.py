@@ -64,7 +64,7 @@ def greedy_accuracy(engine, tokenizer, records: list, config, scorer, batch_size
         chunk, recs = prompts[start:start + batch_size], kept[start:start + batch_size]
         params = SamplingParams(max_new_tokens=d.max_total_length - min(len(p) for p in chunk),
                                 greedy=True, max_total_length=d.max_total_length)
-        out = generate(engine, chunk, tokenizer.eos_id, params)
+        out = generate(engine, chunk, tokenizer.eos_id, params, static_decode=config.model.cuda_graph_decode)
         texts = [response_text(tokenizer, r, toks, d.cot_type, p) for r, toks, p in zip(recs, out.tokens, chunk)]
         results = scorer.score(texts, [r.answer for r in recs], [r.answer_type for r in recs])
         predictions += [{"id": r.id, "response": t, "extracted": s.extracted, "status": s.status,

@@ -108,7 +108,7 @@ def sample_questions(engine, tokenizer, records: list, config, scorer, k: int, t
             for chunk, lo in enumerate(range(0, len(flat), batch_sequences)):
                 seed = batch_seed(config.trainer.seed, index_of[recs[0].id], chunk)
                 tokens += generate(engine, flat[lo:lo + batch_sequences], tokenizer.eos_id, params,
-                                   seed=seed).tokens
+                                   seed=seed, static_decode=config.model.cuda_graph_decode).tokens
             lines = _score_batch(tokenizer, recs, ps_, tokens, k, d.cot_type, scorer, response_text)
             if writer is not None:
                 SampleStore.append(writer, lines)

@@ -172,11 +172,11 @@ class PPOTrainer:
             self.policy.module.eval()
             if p.continuous_batching and chunk < len(prompts):  # one queue through `chunk` slots
                 outs = [generate(self.policy, prompts, eos, params, seed=seed, slots=chunk, return_logprobs=scored,
-                                 align_prompts=align, static_decode=p.cuda_graph_decode)]
+                                 align_prompts=align, static_decode=self.config.model.cuda_graph_decode)]
             else:
                 outs = [generate(self.policy, prompts[start:start + chunk], eos, params, seed=seed + 7919 * start,
                                  return_logprobs=scored, align_prompts=align,
-                                 static_decode=p.cuda_graph_decode)
+                                 static_decode=self.config.model.cuda_graph_decode)
                         for start in range(0, len(prompts), chunk)]
         responses = [toks for out in outs for toks in out.tokens]
         finished = [done for out in outs for done in out.finished]
