@@ -303,10 +303,7 @@ def _decode(stage: StageRunner, batch: _Batch, params: SamplingParams, generator
     else:  # right-aligned: every prompt ends at the longest prompt's last slot
         total = int(lens.max() + limits.max()) if aligned else int(batch.ends.max())
     context = StaticInferenceContext(batch.width, total) if use_cache else None
-    static = None
-    if static_decode:
-        capture = stage.device.type == "cuda" and stage.mp_size == 1
-        static = StaticDecoder(stage, context, batch.width, capture)
+    static = StaticDecoder(stage, context) if static_decode else None
     if aligned and use_cache:
         slot = right_align_prompts(stage, batch, context)  # the cache slot whose token the next logits choose
         logits = _forward(stage, batch, slot - 1, slot, context)  # every row's last prompt token

@@ -45,11 +45,12 @@ def supports_static_step(gpt) -> str | None:
 
 
 class StaticDecoder:
-    """Decode steps of one `generate()` call at fixed shapes; captured as CUDA graphs when
-    `capture` (a GPU, one model-parallel rank), else run eagerly (the same computation)."""
+    """Decode steps of one `generate()` call at fixed shapes; captured as CUDA graphs on a GPU
+    with one model-parallel rank, else run eagerly (the same computation)."""
 
-    def __init__(self, stage, context, width: int, capture: bool):
-        self.stage, self.context, self.width, self.capture = stage, context, width, capture
+    def __init__(self, stage, context):
+        self.stage, self.context = stage, context
+        self.capture = stage.device.type == "cuda" and stage.mp_size == 1
         self.cache_slots = torch.arange(context.max_sequence_length, device=stage.device)
         self.steps: dict[int, _Step] = {}
 
@@ -58,7 +59,7 @@ class StaticDecoder:
         at slot `end - 1`, its own position `end - 1 - start`)."""
         rows, n = batch.active, batch.n
         # Finished rows awaiting a successor run on past their end: clamp, their outputs are unused.
-        fed = (end - 1 - batch.start[rows]).clamp(max=batch.tokens.shape[1] - 1)
+        fed = (batch.local(end) - 1).clamp(max=batch.tokens.shape[1] - 1)
         if not self.steps:
             self._clear_unwritten(end - 1)
         step = self._step(n)
@@ -81,7 +82,8 @@ class StaticDecoder:
                 memory[first_write:].zero_()
 
     def _step(self, n: int) -> "_Step":
-        rows = min(self.width, 1 << (n - 1).bit_length())  # the next power of two, at most the width
+        # the next power of two, at most the cache's rows (the batch's width)
+        rows = min(self.context.max_batch_size, 1 << (n - 1).bit_length())
         if rows not in self.steps:
             self.steps[rows] = _Step(self, rows)
         return self.steps[rows]
