@@ -4,8 +4,9 @@ The layer spec is chosen like megatron-core intends: Transformer Engine's when i
 the local (pure PyTorch) spec otherwise — model code is the same either way. In the local spec
 `attention="sdpa"` (the default) takes torch's fused attention kernel without a mask tensor
 (models/sdpa_attention.py), linears that skip megatron's autograd wrappers when no gradient
-is recorded (models/inference_linear.py) and a layer whose generation forward skips megatron's
-training-time branches (models/inference_layer.py); `"megatron"` keeps megatron's own modules
+is recorded (models/inference_linear.py), a layer whose generation forward skips megatron's
+training-time branches (models/inference_layer.py), and SwiGLU and RoPE as single autograd nodes
+(models/fused_elementwise.py); `"megatron"` keeps megatron's own modules
 (`baddbmm` + masked softmax).
 """
 from __future__ import annotations
@@ -61,6 +62,10 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = 
         # step's cache write (generation/static_step.py)
         spec.submodules.self_attention.module = (rope_cached_self_attention() if model.family == "llama"
                                                  else static_slot_self_attention())
+        if model.family == "llama":  # SwiGLU as one autograd node (models/fused_elementwise.py)
+            from megatron_reft.models.fused_elementwise import swiglu_mlp
+
+            spec.submodules.mlp.module = swiglu_mlp()
     return spec
 
 

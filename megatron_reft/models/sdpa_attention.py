@@ -26,6 +26,8 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _ya
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_reft.models.fused_elementwise import rope_cos_sin, rotate_query_key
+
 try:  # enable_gqa arrived in torch 2.5; a builtin's signature is not introspectable: probe once
     F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2),
                                    torch.zeros(1, 1, 1, 2), enable_gqa=True)
@@ -138,8 +140,21 @@ def rope_cached_self_attention():
                                  dtype=dtype, device=like.device)
             return stored.permute(2, 0, 1, 3)
 
+        def forward(self, hidden_states, *args, **kwargs):
+            # Packed (THD) sequences rotate by cu_seqlens, which the cache step does not see.
+            self._packed_call = bool(args) or kwargs.get("packed_seq_params") is not None
+            return super().forward(hidden_states, *args, **kwargs)
+
         def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                             *args, **kwargs):
+            if (inference_context is None and rotary_pos_emb is not None and self._plain_rope()
+                    and not getattr(self, "_packed_call", True) and rotary_pos_emb[0] is rotary_pos_emb[1]):
+                # Training and log-prob passes: query and key rotated in one autograd node
+                # (models/fused_elementwise.py, bit-identical); megatron's forward then skips RoPE.
+                cos, sin = rope_cos_sin(rotary_pos_emb[0], _yarn_get_concentration_factor_from_config(self.config),
+                                        key.dtype)
+                query, key = rotate_query_key(query, key, cos, sin)
+                return query, key, value, None, self.attn_mask_type, None
             if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
                     or not inference_context.is_static_batching()):
                 return super()._adjust_key_value_for_inference(inference_context, query, key, value,
