@@ -7,8 +7,8 @@ Per vocabulary × hidden and row count, interleaved repeats (A B A B …) of:
 
 - `forward`: logits for `rows` hidden states without autograd (a decode step at 1–128 rows, a
   log-prob pass's chunk at 512): megatron's `ColumnParallelLinear` (torch.matmul, MKL's
-  sgemm on CPU) against `output_projection.vocab_logits` (oneDNN's inner product above
-  `MIN_WEIGHT_ENTRIES`);
+  sgemm on CPU) against `output_projection.vocab_logits` (oneDNN's inner product from
+  `cpu_matmul.ONEDNN_MIN_MACS` multiply-adds up);
 - `update`: an update's output layer and label log-probs, forward and backward, for `rows`
   scored positions: megatron's layer and `vocab_parallel_cross_entropy` (after masking the
   padded vocabulary in place, as the engine did) against `vocab_logits` and
@@ -98,11 +98,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from megatron_reft.distributed.init import initialize, shutdown
-    from megatron_reft.models.output_projection import MIN_WEIGHT_ENTRIES, onednn_available
+    from megatron_reft.models.cpu_matmul import ONEDNN_MIN_MACS, onednn_available
 
     initialize(1, 1, seed=0)
     result = {"threads": args.threads, "onednn_available": onednn_available(),
-              "min_weight_entries": MIN_WEIGHT_ENTRIES, "forward": [], "update": []}
+              "onednn_min_macs": ONEDNN_MIN_MACS, "forward": [], "update": []}
     g = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):
         vocab, hidden = (int(x) for x in shape.split("x"))

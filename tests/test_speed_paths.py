@@ -8,8 +8,9 @@
   full-width micro-batches in batch order: same PPO loss statistics and gradients;
 - the micro-batch plan never exceeds its token budget and covers every row once;
 - torch's fused Adam kernel on CPU (engine.fuse_cpu_adam) against the per-tensor loop;
-- oneDNN's output-layer matmul on CPU (models/output_projection.py) against megatron's layer:
-  log-probs, PPO loss and gradients (untied and tied output weights), cached decoding;
+- oneDNN's matmuls on CPU (models/cpu_matmul.py: the output layer, models/output_projection.py,
+  and every linear of the local spec) against megatron's layers on MKL: log-probs, PPO loss and
+  gradients (untied and tied output weights), cached decoding;
 - the no-grad linears (models/inference_linear.py), the once-per-step RoPE of decoding
   (sdpa_attention._rotate / _step_rotation) and the lean layer forward of generation
   (models/inference_layer.py) against megatron's, bit for bit (TP = 1 and 2; the layer at every
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from linear_pairs import paired_linears
 
 TOL = 1e-5
 LAYOUTS = {"tp1pp1": (1, 1, 1), "tp2pp1": (2, 1, 2), "tp1pp2": (1, 2, 2), "tp2pp2": (2, 2, 4)}
@@ -376,9 +378,10 @@ def test_fused_cpu_adam_is_on_and_updates_as_the_per_tensor_loop():
 
 # ------------------------------------------------------------------ oneDNN output layer on CPU
 def test_output_projection_takes_onednn_only_where_it_pays_and_matches_megatron_layer():
-    """A real ColumnParallelLinear with a vocabulary-sized weight (16,384 × 128: above the
-    threshold): vocab_logits gives its logits and its gradients for hidden and weight; a
-    384 × 128 weight (the quickstart's) and bf16 keep megatron's layer."""
+    """A real ColumnParallelLinear as the output layer: vocab_logits gives its logits and its
+    gradients for hidden and weight wherever rows × vocabulary × hidden reach oneDNN's threshold
+    (a 16,384 × 128 weight; the quickstart's 384 × 128 at 74 rows); a few rows against the small
+    weight, and bf16, keep megatron's layer."""
     run_distributed(_projection_worker, 1, init_process_group=False, timeout_s=120)
 
 
@@ -388,20 +391,21 @@ def _projection_worker(rank, world):
     from megatron.core.transformer import TransformerConfig
 
     from megatron_reft.distributed.init import initialize, shutdown
+    from megatron_reft.models import cpu_matmul
     from megatron_reft.models import output_projection as op
 
     initialize(1, 1, seed=0)
-    assert op.onednn_available(), "this x86 PyTorch build ships oneDNN's fp32 linear"
+    assert cpu_matmul.onednn_available(), "this x86 PyTorch build ships oneDNN's fp32 linear"
     config = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4, use_cpu_initialization=True)
-    for vocab, takes in ((16384, True), (384, False)):
+    for vocab, rows, takes in ((16384, 37, True), (384, 37, True), (384, 2, False)):
         layer = ColumnParallelLinear(128, vocab, config=config, init_method=torch.nn.init.normal_, bias=False,
                                      gather_output=False)
-        hidden = torch.randn(37, 2, 128, requires_grad=True)
+        hidden = torch.randn(rows, 2, 128, requires_grad=True)
         assert op._takes_onednn(layer, hidden, layer.weight) is takes
         assert not op._takes_onednn(layer, hidden.bfloat16(), layer.weight.bfloat16())
         ours = op.vocab_logits(layer, hidden, None)
         theirs = layer(hidden)[0]
-        assert ours.shape == theirs.shape == (37, 2, vocab)
+        assert ours.shape == theirs.shape == (rows, 2, vocab)
         assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
         upstream = torch.randn_like(theirs)
         ours_grads = torch.autograd.grad(ours, (hidden, layer.weight), upstream)
@@ -414,7 +418,8 @@ def _projection_worker(rank, world):
 
 
 def _onednn_engine_worker(rank, world, preset):
-    """The same engine with the oneDNN output-layer path forced on (threshold 0) and off:
+    """The same engine with oneDNN's matmuls (every linear and the output layer) forced on
+    (threshold 0) and off:
     log-probs, entropy, values, the PPO loss and every parameter's accumulated gradient (the
     DDP hook's main_grad), cached-decoding logits and greedy tokens."""
     torch.set_num_threads(1)
@@ -422,7 +427,7 @@ def _onednn_engine_worker(rank, world, preset):
     from megatron_reft.distributed.init import initialize, shutdown
     from megatron_reft.engine import Engine, OptimSettings
     from megatron_reft.generation import SamplingParams, generate
-    from megatron_reft.models import output_projection as op
+    from megatron_reft.models import cpu_matmul
     from megatron_reft.models.families import model_config_from_preset
     from megatron_reft.rl.trainer import ppo_loss_fn, reduce_stats
 
@@ -431,18 +436,18 @@ def _onednn_engine_worker(rank, world, preset):
                     optim=OptimSettings(lr=1e-3))
     engine.init_from_scratch(11)
     calls = {"onednn": 0}
-    kernel = op._onednn_linear
+    kernel = cpu_matmul._onednn_linear
 
     def counting(hidden, weight):
         calls["onednn"] += 1
         return kernel(hidden, weight)
 
-    op._onednn_linear = counting
+    cpu_matmul._onednn_linear = counting
     tokens = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(4))
     params = SamplingParams(max_new_tokens=6, temperature=0.0, max_total_length=20)
     out = {"tied": engine.gpt.share_embeddings_and_output_weights}
     for name, threshold in (("onednn", 0), ("megatron", 1 << 62)):
-        op.MIN_WEIGHT_ENTRIES = threshold
+        cpu_matmul.ONEDNN_MIN_MACS = threshold
         before = calls["onednn"]
         batch = _rollout()
         mbs = _full_width(batch, 2)
@@ -456,13 +461,13 @@ def _onednn_engine_worker(rank, world, preset):
                      "cached": _cached_logits(engine, tokens, 4),
                      "greedy": generate(engine, PROMPTS, eos_id=1, params=params).tokens,
                      "onednn_calls": calls["onednn"] - before}
-    op._onednn_linear = kernel
+    cpu_matmul._onednn_linear = kernel
     shutdown()
     return out
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-opt"])  # untied / tied output weight
-def test_onednn_output_layer_engine_equals_megatron_layer(preset):
+def test_onednn_matmuls_engine_equals_megatron_layers(preset):
     out = run_distributed(_onednn_engine_worker, 1, preset, init_process_group=False, timeout_s=240)[0]
     assert out["tied"] is (preset == "tiny-opt")
     fast, slow = out["onednn"], out["megatron"]
@@ -480,11 +485,9 @@ def test_onednn_output_layer_engine_equals_megatron_layer(preset):
 # ------------------------------------------------- decode-step host work (the H200's gap to HF)
 def _inference_linear_worker(rank, world):
     torch.set_num_threads(1)
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
 
     from megatron_reft.distributed.init import initialize, shutdown
-    from megatron_reft.models.inference_linear import InferenceColumnParallelLinear, InferenceRowParallelLinear
 
     initialize(world, 1, seed=0)
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
@@ -493,15 +496,7 @@ def _inference_linear_worker(rank, world):
     checked = 0
     for bias in (False, True):
         for skip_bias_add in (False, True):
-            pairs = [(cls(16, 24, config=config, init_method=torch.nn.init.normal_, bias=bias, gather_output=False,
-                          skip_bias_add=skip_bias_add) for cls in (ColumnParallelLinear, InferenceColumnParallelLinear)),
-                     (cls(24, 16, config=config, init_method=torch.nn.init.normal_, bias=bias, input_is_parallel=True,
-                          skip_bias_add=skip_bias_add) for cls in (RowParallelLinear, InferenceRowParallelLinear))]
-            for theirs, ours in pairs:
-                with torch.no_grad():
-                    for a, b in zip(theirs.parameters(), ours.parameters()):
-                        a.normal_(generator=g)
-                        b.copy_(a)
+            for theirs, ours in paired_linears(config, 16, 24, bias, skip_bias_add, g):
                 x = torch.randn(5, 3, theirs.weight.shape[1], generator=g)
                 with torch.no_grad():  # the lean forward: the same numbers, bit for bit
                     for got, want in zip(ours(x), theirs(x)):
