@@ -30,7 +30,9 @@ repeats; medians; ratios are medians of per-repeat ratios.
     python benchmarks/ppo_step.py --sweep --batches 8,32 --lengths-sweep 32,64   # scaling table
 
 Prints JSON: per method and phase, needed FLOP/s as a share of the device's measured matmul rate
-(`share_of_matmul_rate`) and, on an A100/H100/H200, MFU against the datasheet bf16 peak
+(`share_of_matmul_rate`: the faster of torch's default kernel and oneDNN's on CPU,
+`matmul_gflops`; torch's alone, which the reference's linears get, is `matmul_gflops_torch_default`)
+and, on an A100/H100/H200, MFU against the datasheet bf16 peak
 (`mfu_of_spec`). On a GPU (auto-detected) it uses bf16 and CUDA; on CPU fp32 with --threads
 (`--dtype bf16` runs both methods in bf16 on CPU too). By default the reference gets the whole
 rollout batch on one device, the setting most favourable to it; `--reference-micro-batch 4` runs
@@ -219,20 +221,27 @@ def run_dtype(args) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
 
-def matmul_rate(model, device, dtype) -> float:
-    """FLOP/s of this device on the model's own widest trunk matmul in the run's precision:
-    the ceiling any method's dense work can approach here."""
+def matmul_rate(model, device, dtype) -> tuple[float, float]:
+    """FLOP/s of this device on the model's own widest trunk matmul in the run's precision, the
+    ceiling any method's dense work can approach here: (the faster of torch's default and the
+    kernel our linears take, models/cpu_matmul.py — oneDNN on CPU in fp32; torch's default alone,
+    which the reference method uses)."""
+    from megatron_reft.models import cpu_matmul
+
     a = torch.randn(4096, model.hidden_size, device=device, dtype=dtype)
-    b = torch.randn(model.hidden_size, model.ffn_hidden_size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        synchronize()
-        t0 = time.perf_counter()
+    w = torch.randn(model.ffn_hidden_size, model.hidden_size, device=device, dtype=dtype)
+    rates = []
+    for product in (lambda: a @ w.t(), lambda: cpu_matmul.linear(a, w)):
+        best = float("inf")
         for _ in range(5):
-            a @ b
-        synchronize()
-        best = min(best, (time.perf_counter() - t0) / 5)
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+            synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                product()
+            synchronize()
+            best = min(best, (time.perf_counter() - t0) / 5)
+        rates.append(2 * a.shape[0] * a.shape[1] * w.shape[0] / best)
+    return max(rates), rates[0]
 
 
 def advantages(scores, old_lp, ref_lp, values, mask):
@@ -449,7 +458,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "reference_micro_batch": args.reference_micro_batch or args.batch}
     flops = needed_flops(model, [len(p) for p in prompts], lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result["matmul_gflops"] = round(matmul_rate(model, device, run_dtype(args)) / 1e9, 1)
+    best_rate, torch_rate = matmul_rate(model, device, run_dtype(args))
+    result["matmul_gflops"], result["matmul_gflops_torch_default"] = round(best_rate / 1e9, 1), round(torch_rate / 1e9, 1)
     result["dtype"] = str(run_dtype(args)).replace("torch.", "")
     result["needed_gflops"] = {k: round(v / 1e9, 2) for k, v in flops.items()}
     step = {name: [step_total(p) for p in runs_] for name, runs_ in phases.items()}

@@ -62,10 +62,6 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None, attention: str = 
         # step's cache write (generation/static_step.py)
         spec.submodules.self_attention.module = (rope_cached_self_attention() if model.family == "llama"
                                                  else static_slot_self_attention())
-        if model.family == "llama":  # SwiGLU as one autograd node (models/fused_elementwise.py)
-            from megatron_reft.models.fused_elementwise import swiglu_mlp
-
-            spec.submodules.mlp.module = swiglu_mlp()
     return spec
 
 
@@ -133,9 +129,27 @@ def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_t
     )
     _apply_llama3_rope_scaling(gpt, model)
     _mark_tensor_parallel(gpt)
+    if attention == "sdpa" and not (te_available() if use_te is None else use_te):
+        _fuse_swiglu(gpt)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _fuse_swiglu(gpt) -> None:
+    """The local spec's MLPs with SwiGLU as one autograd node (models/fused_elementwise.py). The
+    class is changed after megatron built each MLP, not in the spec: `TransformerLayer` passes
+    its TP group only to a spec whose module is `MLP` itself (any other class is built with
+    default arguments and a warning). `SwiGLUMLP` only overrides `forward`, and runs megatron's
+    wherever its config is not the plain gated-SiLU case (OPT's GELU MLP included)."""
+    from megatron.core.transformer.mlp import MLP
+
+    from megatron_reft.models.fused_elementwise import swiglu_mlp
+
+    fused = swiglu_mlp()
+    for layer in gpt.decoder.layers:
+        if type(layer.mlp) is MLP:
+            layer.mlp.__class__ = fused
 
 
 def _rope_scaling_args(model: ModelConfig) -> dict:
