@@ -47,6 +47,23 @@ def test_linear_with_grad_equals_torch_and_allows_in_place_use(bias):
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-3)
 
 
+def test_in_place_weight_updates_are_seen_by_the_next_product():
+    """An optimizer steps the weights in place between calls; a kernel that kept a reordered copy
+    of the weight keyed by its address would keep computing with the old values."""
+    from megatron_reft.models.cpu_matmul import linear, linear_with_grad, takes_onednn
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 128, generator=g)
+    w = torch.randn(384, 128, generator=g, requires_grad=True)
+    assert takes_onednn(x.shape[0], w)
+    for _ in range(3):
+        with torch.no_grad():
+            assert torch.allclose(linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+        assert torch.allclose(linear_with_grad(x, w, None, False, None), x @ w.t(), rtol=1e-5, atol=1e-4)
+        with torch.no_grad():
+            w.add_(torch.randn(w.shape, generator=g))
+
+
 def _linears_worker(rank, world):
     torch.set_num_threads(1)
     from megatron.core.transformer import TransformerConfig
