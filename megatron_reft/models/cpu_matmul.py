@@ -2,10 +2,10 @@
 
 `torch.matmul` on CPU calls MKL's sgemm. PyTorch also ships oneDNN's fp32 inner product
 (`torch.ops.mkldnn._linear_pointwise`, the kernel of torch.compile's CPU backend). On this
-project's AMD EPYC (Zen 5) VM MKL runs the models' linear shapes at ~105–113 GFLOP/s on one
-core and oneDNN at ~240–260 — forward, input gradient and weight gradient alike (a training
+project's AMD EPYC (Zen 5) VM MKL runs the models' linear shapes at ~100–110 GFLOP/s on one
+core and oneDNN at ~170–250 (forward, input gradient and weight gradient of a training
 micro-batch's 4k rows; docs/benchmarks.md, "twelfth round"); on the Intel VMs of earlier
-sessions oneDNN was 1.0–1.3× MKL on the output layer's shapes. For tiny products — a decode
+sessions oneDNN was 1.0–2.1× MKL on the output layer's shapes. For tiny products — a decode
 step's few rows against a small weight — oneDNN's ~10 µs per call loses to MKL, so it is taken
 only from `ONEDNN_MIN_MACS` multiply-adds up (the crossover measured on that VM: 0.76–1.07× at
 0.5–1M, 1.2–1.5× at 1.5–4M, 2.3× at 100M+). Both are IEEE fp32 and sum in different orders,
