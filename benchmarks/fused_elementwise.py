@@ -136,7 +136,7 @@ def main(argv=None):
         out = [_apply_rotary_pos_emb_bshd(t, angles) for t in (q, k)]
         torch.autograd.backward(out, [grad_q, grad_k])
 
-    def rope_ours():  # (cos, sin) once per forward, shared by every layer: counted here per call
+    def rope_ours():  # (cos, sin) once per layer for query and key, as the attention forms them
         torch.autograd.backward(list(rotate_query_key(q, k, *rope_cos_sin(angles, 1.0, dtype))), [grad_q, grad_k])
 
     cases = {"swiglu": (lambda: megatron_swiglu(x).backward(grad_x), lambda: swiglu(x).backward(grad_x)),

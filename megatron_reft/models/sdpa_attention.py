@@ -202,7 +202,7 @@ def rope_cached_self_attention():
             if cached is not None and cached[0] is pos_emb and cached[1] is rows and cached[2] == key:
                 return cached[3]
             freqs = _new_angles(pos_emb, rows, start, length)
-            rotation = ((torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
+            rotation = rope_cos_sin(freqs, mscale, dtype)
             inference_context._reft_rotation = (pos_emb, rows, key, rotation)
             return rotation
 
