@@ -12,7 +12,7 @@
   and every linear of the local spec) against megatron's layers on MKL: log-probs, PPO loss and
   gradients (untied and tied output weights), cached decoding;
 - the no-grad linears (models/inference_linear.py), the once-per-step RoPE of decoding
-  (sdpa_attention._rotate / _step_rotation) and the lean layer forward of generation
+  (fused_elementwise.rope_rotate / sdpa_attention._step_rotation) and the lean layer forward of generation
   (models/inference_layer.py) against megatron's, bit for bit (TP = 1 and 2; the layer at every
   layout, llama and OPT).
 
@@ -523,13 +523,14 @@ def test_inference_linears_equal_megatron_bit_for_bit(world):
 def test_rotate_equals_megatron_rope_bit_for_bit(dtype, rot_dim):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from megatron_reft.models.sdpa_attention import _rotate, _rotate_both
+    from megatron_reft.models.fused_elementwise import rope_rotate
+    from megatron_reft.models.sdpa_attention import _rotate_both
 
     g = torch.Generator().manual_seed(rot_dim)
     t = torch.randn(3, 2, 4, 8, generator=g).to(dtype)
     freqs = torch.randn(3, 1, 1, rot_dim, generator=g) * 3
     cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
-    assert torch.equal(_rotate(t, cos, sin), _apply_rotary_pos_emb_bshd(t, freqs))
+    assert torch.equal(rope_rotate(t, cos, sin), _apply_rotary_pos_emb_bshd(t, freqs))
     key = torch.randn(3, 2, 2, 8, generator=g).to(dtype)  # query and key rotated as one tensor
     query_rotated, key_rotated = _rotate_both(t, key, cos, sin)
     assert torch.equal(query_rotated, _apply_rotary_pos_emb_bshd(t, freqs))

@@ -82,7 +82,7 @@ def rope_cos_sin(angles: torch.Tensor, mscale: float, dtype: torch.dtype):
     return (torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype)
 
 
-def _rotated(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def rope_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """t·cos + rotate_half(t)·sin on the first cos.shape[-1] channels (the rest passed through);
     with `transpose`, the adjoint map (the backward of the rotation) t·cos + rotate_halfᵀ(t·sin).
 
@@ -109,12 +109,12 @@ class _RotateQueryKey(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotated(query, cos, sin), _rotated(key, cos, sin)
+        return rope_rotate(query, cos, sin), rope_rotate(key, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
         cos, sin = ctx.saved_tensors
-        return _rotated(grad_query, cos, sin, transpose=True), _rotated(grad_key, cos, sin, transpose=True), None, None
+        return rope_rotate(grad_query, cos, sin, transpose=True), rope_rotate(grad_key, cos, sin, transpose=True), None, None
 
 
 def rotate_query_key(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

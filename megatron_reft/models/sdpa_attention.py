@@ -26,7 +26,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _ya
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_reft.models.fused_elementwise import rope_cos_sin, rotate_query_key
+from megatron_reft.models.fused_elementwise import rope_cos_sin, rope_rotate, rotate_query_key
 
 try:  # enable_gqa arrived in torch 2.5; a builtin's signature is not introspectable: probe once
     F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2),
@@ -185,7 +185,7 @@ def rope_cached_self_attention():
 
         def _plain_rope(self) -> bool:
             """megatron's unfused, non-interleaved RoPE on one context-parallel rank: the case
-            `_rotate` reproduces op for op."""
+            `rope_rotate` reproduces value for value."""
             c = self.config
             return (not c.apply_rope_fusion and not c.rotary_interleaved and not c.multi_latent_attention
                     and self.pg_collection.cp.size() == 1)
@@ -266,18 +266,8 @@ def _new_angles(pos_emb: torch.Tensor, rows, start: int, length: int) -> torch.T
 
 
 def _rotate_both(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """`_rotate` of the query and the key at the same positions ([s, b, heads | groups, dim]) as
-    one tensor: half the ops of a decode step's RoPE, each element computed as it is alone."""
+    """`rope_rotate` of the query and the key at the same positions ([s, b, heads | groups, dim])
+    as one tensor: half the ops of a decode step's RoPE, each element computed as it is alone."""
     heads = query.size(2)
-    rotated = _rotate(torch.cat((query, key), dim=2), cos, sin)
+    rotated = rope_rotate(torch.cat((query, key), dim=2), cos, sin)
     return rotated[:, :, :heads], rotated[:, :, heads:]
-
-
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """t·cos + rotate_half(t)·sin on the first cos.shape[-1] channels, the rest passed through:
-    megatron's unfused, non-interleaved RoPE, same ops in the same order (bit-identical)."""
-    rot_dim = cos.shape[-1]
-    rotated, passed = t[..., :rot_dim], t[..., rot_dim:]
-    first, second = torch.chunk(rotated, 2, dim=-1)
-    rotated = rotated * cos + torch.cat((-second, first), dim=-1) * sin
-    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
