@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--micro-batch-tokens", type=int, default=None,
-                   help="ours: token budget per micro-batch (default: micro-batch × longest sequence)")
+                   help="ours: token budget per micro-batch (default: micro-batch × longest sequence; the "
+                        "quickstart recipe, configs/demo_cpu_ppo.yaml, uses 4096)")
     p.add_argument("--prompt-lengths", choices=("fixed", "synthetic", "gsm8k"), default="fixed",
                    help="synthetic: prompt lengths of the quickstart task's questions, gsm8k: of real GSM8K "
                         "questions (ReFT's N-CoT prompt, SmolLM2's byte-level BPE), scaled so the longest is "
@@ -455,6 +456,8 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
               "mean_response_length": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
               "device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": args.repeats,
               "rollout_logprobs": args.rollout_logprobs,
+              # ours' update and log-prob plan (the quickstart recipe: --micro-batch-tokens 4096)
+              "micro_batch": args.micro_batch, "micro_batch_tokens": args.micro_batch_tokens,
               "reference_micro_batch": args.reference_micro_batch or args.batch}
     flops = needed_flops(model, [len(p) for p in prompts], lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
