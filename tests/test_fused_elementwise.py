@@ -3,7 +3,11 @@ numbers bit for bit: each op against megatron's own unfused function (forward an
 partial rotary, a YaRN-style mscale, bf16), and a whole llama training pass — loss and every
 parameter's gradient — with the fused nodes against the same model with them switched off, at
 TP 1 and 2 (a TP rank holds half of each SwiGLU half). The fused nodes must actually run there
-(counted), or the comparison would be of megatron with itself."""
+(counted), or the comparison would be of megatron with itself.
+
+RMSNorm's closed-form backward (`FusedRMSNorm`): outputs equal to torch's RMSNorm bit for bit,
+gradients to fp32 rounding (float64: to 1e-12), and the same whole training pass with every norm
+switched back to torch's: the same loss, gradients to fp32 rounding."""
 from __future__ import annotations
 
 import pytest
@@ -64,6 +68,38 @@ def test_rope_forward_and_backward_equal_megatron_bit_for_bit(rot_dim, mscale, d
         assert torch.equal(q1.grad[..., rot_dim:], grad_q[..., rot_dim:])
 
 
+@pytest.mark.parametrize("shape,eps", [((9, 2, 24), 1e-5), ((5, 16), None), ((3, 4, 2, 8), 1e-6)])
+def test_rms_norm_outputs_equal_torch_and_gradients_match(shape, eps):
+    from megatron_reft.models.fused_elementwise import FusedRMSNorm, rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 3
+    grad = torch.randn(*shape, generator=g)
+    theirs = torch.nn.RMSNorm(shape[-1], eps=eps)
+    ours = torch.nn.RMSNorm(shape[-1], eps=eps)
+    ours.__class__ = FusedRMSNorm
+    with torch.no_grad():
+        theirs.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+        ours.weight.copy_(theirs.weight)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
+    out_ours.backward(grad)
+    out_theirs.backward(grad)
+    assert out_ours.grad_fn is not None and "_RMSNorm" in type(out_ours.grad_fn).__name__  # the fused node ran
+    assert torch.equal(out_ours, out_theirs)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-5)
+    # float64: the closed form is the same derivative, not an approximation of it
+    x64, w64 = x.double().requires_grad_(), theirs.weight.detach().double().requires_grad_()
+    ref = torch.autograd.grad(torch.rms_norm(x64, (shape[-1],), w64, eps), (x64, w64), grad.double())
+    got = torch.autograd.grad(rms_norm(x64, w64, eps if eps is not None else torch.finfo(torch.float64).eps),
+                              (x64, w64), grad.double())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no-grad passes are torch's own
+        assert torch.equal(ours(x), theirs(x))
+
+
 def _training_worker(rank, world):
     torch.set_num_threads(1)
     import megatron_reft.models.fused_elementwise as fused
@@ -73,8 +109,8 @@ def _training_worker(rank, world):
     from megatron_reft.models.families import model_config_from_preset
 
     initialize(world, 1, seed=5)
-    ran = {"swiglu": 0, "rope": 0}
-    swiglu, rotate = fused.swiglu, sdpa_attention.rotate_query_key
+    ran = {"swiglu": 0, "rope": 0, "rms_norm": 0}
+    swiglu, rotate, norm = fused.swiglu, sdpa_attention.rotate_query_key, fused.rms_norm
 
     def counted_swiglu(x):
         ran["swiglu"] += torch.is_grad_enabled()
@@ -84,7 +120,11 @@ def _training_worker(rank, world):
         ran["rope"] += 1
         return rotate(*args)
 
-    fused.swiglu, sdpa_attention.rotate_query_key = counted_swiglu, counted_rotate
+    def counted_norm(*args):
+        ran["rms_norm"] += 1
+        return norm(*args)
+
+    fused.swiglu, sdpa_attention.rotate_query_key, fused.rms_norm = counted_swiglu, counted_rotate, counted_norm
     engine = Engine(model_config_from_preset("tiny-llama", vocab_size=200))
     engine.init_from_scratch(11)
     gpt = engine.gpt
@@ -108,18 +148,35 @@ def _training_worker(rank, world):
         layer.mlp._plain_swiglu = lambda: False
         layer.self_attention._plain_rope = lambda: False
     plain_loss, plain_grads = loss_and_grads()
-    fused.swiglu, sdpa_attention.rotate_query_key = swiglu, rotate
+    after = dict(ran)
+    norms = [m for m in gpt.modules() if isinstance(m, fused.FusedRMSNorm)]
+    for module in norms:  # and torch's RMSNorm backward (the fused norms ran in both passes above)
+        module._plain_rms_norm = lambda x: False
+    torch_norm_loss, torch_norm_grads = loss_and_grads()
+    fused.swiglu, sdpa_attention.rotate_query_key, fused.rms_norm = swiglu, rotate, norm
     shutdown()
-    return {"counts": counts, "layers": len(layers), "after": dict(ran),
+    close = lambda a, b: bool(torch.allclose(a, b, rtol=1e-4, atol=1e-6))
+    return {"counts": counts, "layers": len(layers), "after": after, "norms": len(norms),
+            "after_torch_norms": dict(ran),
             "loss_equal": bool(torch.equal(fused_loss, plain_loss)),
             "grads_equal": sorted(n for n in plain_grads if torch.equal(plain_grads[n], fused_grads[n])),
-            "grad_names": sorted(plain_grads)}
+            "grad_names": sorted(plain_grads),
+            "torch_norm_loss_equal": bool(torch.equal(torch_norm_loss, plain_loss)),
+            "torch_norm_grads_close": sorted(n for n in plain_grads if close(torch_norm_grads[n], plain_grads[n])),
+            "torch_norm_grads_equal": sum(torch.equal(torch_norm_grads[n], plain_grads[n]) for n in plain_grads)}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_llama_training_pass_is_bit_identical_with_the_fused_nodes(tp):
     for result in run_distributed(_training_worker, tp, init_process_group=False, timeout_s=300):
-        assert result["counts"] == {"swiglu": result["layers"], "rope": result["layers"]}
-        assert result["after"] == result["counts"]  # switched off: megatron's path ran instead
+        layers, norms = result["layers"], result["norms"]
+        assert norms == 2 * layers + 1  # each layer's two and the final norm
+        assert result["counts"] == {"swiglu": layers, "rope": layers, "rms_norm": norms}
+        # switched off: megatron's SwiGLU and RoPE ran instead (the norms stayed fused)
+        assert result["after"] == {"swiglu": layers, "rope": layers, "rms_norm": 2 * norms}
+        assert result["after_torch_norms"] == result["after"]  # then torch's norms ran
+        assert result["torch_norm_loss_equal"]  # the norm's forward is torch's, op for op
+        assert result["torch_norm_grads_close"] == result["grad_names"]
+        assert result["torch_norm_grads_equal"] < len(result["grad_names"])  # a different backward did run
         assert result["loss_equal"]
         assert result["grad_names"] and result["grads_equal"] == result["grad_names"]

@@ -131,6 +131,7 @@ def build_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, use_t
     _mark_tensor_parallel(gpt)
     if attention == "sdpa" and not (te_available() if use_te is None else use_te):
         _fuse_swiglu(gpt)
+        _fuse_rms_norms(gpt)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
@@ -150,6 +151,17 @@ def _fuse_swiglu(gpt) -> None:
     for layer in gpt.decoder.layers:
         if type(layer.mlp) is MLP:
             layer.mlp.__class__ = fused
+
+
+def _fuse_rms_norms(gpt) -> None:
+    """The local spec's `torch.nn.RMSNorm`s (each layer's two, the final one) as `FusedRMSNorm`:
+    the closed-form backward on CPU fp32 training passes (models/fused_elementwise.py). Only the
+    class changes, so parameters, names and checkpoints stay torch's."""
+    from megatron_reft.models.fused_elementwise import FusedRMSNorm
+
+    for module in gpt.modules():
+        if type(module) is torch.nn.RMSNorm:
+            module.__class__ = FusedRMSNorm
 
 
 def _rope_scaling_args(model: ModelConfig) -> dict:

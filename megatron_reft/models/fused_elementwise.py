@@ -18,6 +18,14 @@ the quickstart's shape the two save ~1/3 (SwiGLU) and ~1/2 (RoPE) of those ops' 
 (docs/benchmarks.md, "eleventh round"). On a GPU with Transformer Engine the TE spec is used and
 none of this runs; llama on a GPU without TE keeps megatron's fused SwiGLU
 (`bias_activation_fusion`) and takes this RoPE.
+
+RMSNorm (llama's `torch.nn.RMSNorm`, megatron's norm without TE or apex) is the third: on CPU
+`torch.rms_norm` is a composite of pow, mean, add, rsqrt and two products whose backward autograd
+assembles from ~a dozen passes over the activations. `FusedRMSNorm` keeps that forward op for op
+(bit-identical outputs) and writes the backward in closed form, r·(ĝ − x̂·mean(ĝ·x̂)) with
+ĝ = grad·weight, x̂ = x·r: five passes. Its gradients are a different, shorter sum, so they agree
+with autograd's to fp32 rounding (~1e-7 relative), not bit for bit; it runs for CPU fp32
+training passes only (CUDA has PyTorch's fused kernel).
 """
 from __future__ import annotations
 
@@ -120,3 +128,49 @@ class _RotateQueryKey(torch.autograd.Function):
 def rotate_query_key(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(query, key) rotated as megatron's unfused, non-interleaved RoPE rotates them."""
     return _RotateQueryKey.apply(query, key, cos, sin)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """x [..., h] → x·r·weight, r = (mean(x²) + eps)^-½ over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # torch.rms_norm's CPU composite, op for op (its outputs, bit for bit)
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        normed = x.mul(rstd)
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed.mul(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad * weight
+            # d(x·r)/dx applied to ĝ: r·(ĝ − x̂·mean(ĝ·x̂)), since dr/dx = −r³·x/h
+            dot = (grad_normed * normed).mean(-1, keepdim=True)
+            grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension with the closed-form backward (`_RMSNorm`)."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class FusedRMSNorm(torch.nn.RMSNorm):
+    """`torch.nn.RMSNorm` whose CPU fp32 training passes run `rms_norm`; everything else (no-grad
+    passes, other dtypes and devices, no weight, several normalised dimensions) is torch's. Only
+    `forward` changes: parameters, state-dict keys and checkpoints are torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._plain_rms_norm(x):
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+
+    def _plain_rms_norm(self, x: torch.Tensor) -> bool:
+        return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight is not None and self.weight.dtype == torch.float32
+                and len(self.normalized_shape) == 1 and (x.requires_grad or self.weight.requires_grad))
