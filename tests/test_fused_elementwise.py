@@ -167,7 +167,9 @@ def _training_worker(rank, world):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_llama_training_pass_is_bit_identical_with_the_fused_nodes(tp):
+def test_llama_training_pass_with_the_fused_nodes_equals_the_unfused_one(tp):
+    """SwiGLU and RoPE on vs off: bit-identical; the norms fused vs torch's: same loss, gradients to fp32
+    rounding."""
     for result in run_distributed(_training_worker, tp, init_process_group=False, timeout_s=300):
         layers, norms = result["layers"], result["norms"]
         assert norms == 2 * layers + 1  # each layer's two and the final norm
