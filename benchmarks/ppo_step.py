@@ -499,6 +499,9 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
     return result
 
 
+SWEEP_PHASES = ("generation", "logprobs_policy", "logprobs_reference", "update")
+
+
 def sweep(args, model, engines, hf_parts) -> list[dict]:
     """Step time as the rollout batch and the response length grow (ours vs the reference)."""
     rows = []
@@ -512,7 +515,11 @@ def sweep(args, model, engines, hf_parts) -> list[dict]:
                          "ours_cpu_s": round(r["ours"]["step_cpu_seconds_median"], 3),
                          "reference_cpu_s": round(r["reference_hf"]["step_cpu_seconds_median"], 3),
                          "speedup": round(r["speedup_vs_reference_hf"]["median"], 3),
-                         "speedup_cpu": round(r["speedup_vs_reference_hf"]["cpu_median"], 3)})
+                         "speedup_cpu": round(r["speedup_vs_reference_hf"]["cpu_median"], 3),
+                         # where the time goes as the shape grows (wall seconds, medians)
+                         "ours_phases": {k: r["ours"]["phases_median"][k] for k in SWEEP_PHASES},
+                         "reference_phases": {k: r["reference_hf"]["phases_median"][k] for k in SWEEP_PHASES},
+                         "padding_fraction": r["ours"]["phases_median"].get("padding_fraction")})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -543,7 +550,9 @@ def main(argv=None):
         return
     model, engines, hf_parts = build(args)
     if args.sweep:
-        print(json.dumps({"preset": args.preset, "lengths": args.lengths, "repeats": args.repeats,
+        print(json.dumps({"preset": args.preset, "lengths": args.lengths, "prompt_lengths": args.prompt_lengths,
+                          "prompt_len": args.prompt_len, "repeats": args.repeats, "micro_batch": args.micro_batch,
+                          "micro_batch_tokens": args.micro_batch_tokens, "threads": torch.get_num_threads(),
                           "sweep": sweep(args, model, engines, hf_parts)}, indent=2))
         return
     print(json.dumps(measure(args, model, engines, hf_parts, args.methods.split(",")), indent=2))
