@@ -493,6 +493,9 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
                        "cpu_median": statistics.median(cpu_ratios)}
             for phase in ("generation", "logprobs_policy", "logprobs_reference", "update"):
                 for suffix in ("", "_cpu"):
+                    if statistics.median(a[phase + suffix] for a in phases["ours"]) < 1e-3:
+                        summary[phase + suffix] = None  # ours skips it (old log-probs from the rollout)
+                        continue
                     per = [b[phase + suffix] / a[phase + suffix] for a, b in zip(phases["ours"], phases[other])]
                     summary[phase + suffix] = round(statistics.median(per), 3)
             result[f"speedup_vs_{other}"] = summary
