@@ -493,7 +493,7 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
                        "cpu_median": statistics.median(cpu_ratios)}
             for phase in ("generation", "logprobs_policy", "logprobs_reference", "update"):
                 for suffix in ("", "_cpu"):
-                    if statistics.median(a[phase + suffix] for a in phases["ours"]) < 1e-3:
+                    if statistics.median(run[phase + suffix] for run in phases["ours"]) < 1e-3:
                         summary[phase + suffix] = None  # ours skips it (old log-probs from the rollout)
                         continue
                     per = [b[phase + suffix] / a[phase + suffix] for a, b in zip(phases["ours"], phases[other])]
