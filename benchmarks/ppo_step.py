@@ -428,6 +428,10 @@ def build(args):
     return model, engines, (hf, hf_ref, head, optimizer)
 
 
+PHASES = ("generation", "logprobs_policy", "logprobs_reference", "update")
+SKIPPED_S = 1e-3  # a phase this short did not run (ours' policy pass: old log-probs from the rollout)
+
+
 def measure(args, model, engines, hf_parts, methods) -> dict:
     """One shape: interleaved repeats of every method; per-phase medians and ratios."""
     g = torch.Generator().manual_seed(args.seed)
@@ -477,32 +481,29 @@ def measure(args, model, engines, hf_parts, methods) -> dict:
         timing = "_cpu" if device.type == "cpu" else ""
         seconds = {k: statistics.median(p[k + timing] for p in runs_) for k in flops}
         result[name]["share_of_matmul_rate"] = {  # a phase that did not run (captured log-probs): None
-            k: round(f / seconds[k] / (result["matmul_gflops"] * 1e9), 3) if seconds[k] > 1e-3 else None
+            k: round(f / seconds[k] / (result["matmul_gflops"] * 1e9), 3) if seconds[k] > SKIPPED_S else None
             for k, f in flops.items()}
         spec = spec_flops(device)
         if spec:  # MFU against the datasheet peak: per phase, and the step's phases that ran
-            ran = sum(f for k, f in flops.items() if seconds[k] > 1e-3)  # old log-probs from the rollout: none
+            ran = sum(f for k, f in flops.items() if seconds[k] > SKIPPED_S)  # old log-probs from the rollout: none
             result[name]["mfu_of_spec"] = {
                 "step": round(ran / median / spec, 4),
-                **{k: round(f / seconds[k] / spec, 4) if seconds[k] > 1e-3 else None for k, f in flops.items()}}
+                **{k: round(f / seconds[k] / spec, 4) if seconds[k] > SKIPPED_S else None for k, f in flops.items()}}
     if "ours" in phases:
         for other in (m for m in phases if m != "ours"):
             ratios = [b / a for a, b in zip(step["ours"], step[other])]
             cpu_ratios = [b / a for a, b in zip(step_cpu["ours"], step_cpu[other])]
             summary = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                        "cpu_median": statistics.median(cpu_ratios)}
-            for phase in ("generation", "logprobs_policy", "logprobs_reference", "update"):
+            for phase in PHASES:
                 for suffix in ("", "_cpu"):
-                    if statistics.median(run[phase + suffix] for run in phases["ours"]) < 1e-3:
+                    if statistics.median(run[phase + suffix] for run in phases["ours"]) < SKIPPED_S:
                         summary[phase + suffix] = None  # ours skips it (old log-probs from the rollout)
                         continue
                     per = [b[phase + suffix] / a[phase + suffix] for a, b in zip(phases["ours"], phases[other])]
                     summary[phase + suffix] = round(statistics.median(per), 3)
             result[f"speedup_vs_{other}"] = summary
     return result
-
-
-SWEEP_PHASES = ("generation", "logprobs_policy", "logprobs_reference", "update")
 
 
 def sweep(args, model, engines, hf_parts) -> list[dict]:
@@ -520,8 +521,8 @@ def sweep(args, model, engines, hf_parts) -> list[dict]:
                          "speedup": round(r["speedup_vs_reference_hf"]["median"], 3),
                          "speedup_cpu": round(r["speedup_vs_reference_hf"]["cpu_median"], 3),
                          # where the time goes as the shape grows (wall seconds, medians)
-                         "ours_phases": {k: r["ours"]["phases_median"][k] for k in SWEEP_PHASES},
-                         "reference_phases": {k: r["reference_hf"]["phases_median"][k] for k in SWEEP_PHASES},
+                         "ours_phases": {k: r["ours"]["phases_median"][k] for k in PHASES},
+                         "reference_phases": {k: r["reference_hf"]["phases_median"][k] for k in PHASES},
                          "padding_fraction": r["ours"]["phases_median"].get("padding_fraction")})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
